@@ -1,0 +1,1 @@
+"""Qt / napari front end. Only this package (and ``_napari``) imports qtpy, magicgui or napari."""

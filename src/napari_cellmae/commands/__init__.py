@@ -1,0 +1,1 @@
+"""Subcommands of ``cellmae`` (see :mod:`napari_cellmae.cli`)."""

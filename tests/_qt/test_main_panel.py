@@ -1,0 +1,124 @@
+import time
+
+import pytest
+
+from napari_cellmae.progress import Progress
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def panel(make_napari_viewer, qtbot):
+    from napari_cellmae._qt.main_panel import MainPanel
+
+    viewer = make_napari_viewer()
+    widget = MainPanel(viewer)
+    viewer.window.add_dock_widget(widget, name="CellMAE")
+    return widget
+
+
+def test_panel_docks_via_plugin_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-cellmae", "CellMAE")
+    assert type(widget).__name__ == "MainPanel"
+    # napari injects a proxy of the viewer: a layer added through it lands in this viewer
+    widget.viewer.add_points([[1, 1]], name="via-panel")
+    assert "via-panel" in viewer.layers
+    assert any(name.startswith("CellMAE") for name in viewer.window.dock_widgets)
+
+
+def test_model_picker_offers_openphenom_with_attribution(panel, tmp_path):
+    picker = panel.model_picker
+    sources = [picker.combo.itemData(i) for i in range(picker.combo.count())]
+    assert "recursionpharma/OpenPhenom" in sources
+    picker.set_source("recursionpharma/OpenPhenom")
+    assert picker.source() == "recursionpharma/OpenPhenom"
+    assert "Recursion" in picker.attribution.text()
+    # a local folder becomes a new entry and is selected
+    picker.set_source(str(tmp_path))
+    assert picker.source() == str(tmp_path)
+    assert picker.attribution.text() == ""
+
+
+def test_device_picker_lists_cpu_with_memory(panel):
+    picker = panel.device_picker
+    assert picker.device() == "auto"
+    labels = [picker.combo.itemText(i) for i in range(picker.combo.count())]
+    data = [picker.combo.itemData(i) for i in range(picker.combo.count())]
+    assert "cpu" in data
+    assert any("GiB free" in t for t in labels if t.startswith("cpu"))
+    picker.combo.setCurrentIndex(data.index("cpu"))
+    assert picker.device() == "cpu"
+
+
+def _slow_counter(n, delay, cleanup):
+    try:
+        for i in range(n):
+            time.sleep(delay)
+            yield Progress(i + 1, n, "counting")
+        return n
+    finally:
+        cleanup.append("closed")
+
+
+def test_worker_runs_generator_with_progress_and_result(panel, qtbot):
+    runner = panel.runner
+    results, events, cleanup = [], [], []
+    with qtbot.waitSignal(runner.finished, timeout=10_000) as sig:
+        runner.start(
+            _slow_counter,
+            5,
+            0.01,
+            cleanup,
+            description="count",
+            on_progress=events.append,
+            on_result=results.append,
+        )
+        assert runner.busy
+        with pytest.raises(RuntimeError, match="busy"):
+            runner.start(_slow_counter, 1, 0.0, [])
+    assert sig.args == ["done"]
+    assert results == [5]
+    assert [e.done for e in events] == [1, 2, 3, 4, 5]
+    assert runner.bar.value() == runner.bar.maximum() == 5
+    assert cleanup == ["closed"]
+    assert not runner.busy
+    assert "count: done" in panel.status.text()
+
+
+def test_worker_cancel_stops_generator(panel, qtbot):
+    runner = panel.runner
+    events, results, cleanup = [], [], []
+    with qtbot.waitSignal(runner.finished, timeout=10_000) as sig:
+        runner.start(
+            _slow_counter,
+            10_000,
+            0.005,
+            cleanup,
+            description="long",
+            on_progress=events.append,
+            on_result=results.append,
+        )
+        qtbot.waitUntil(lambda: len(events) >= 3, timeout=5_000)
+        assert runner.cancel_button.isEnabled()
+        assert runner.eta_label.text().startswith("ETA ")
+        runner.cancel_button.click()
+    assert sig.args == ["cancelled"]
+    assert results == []
+    assert cleanup == ["closed"]
+    assert len(events) < 10_000
+    assert "cancelled" in panel.status.text()
+
+
+def _fails(path):
+    yield Progress(0, 1)
+    raise FileNotFoundError(f"{path} does not exist: choose a plate folder")
+
+
+def test_worker_user_error_goes_to_status_line(panel, qtbot):
+    errors = []
+    with qtbot.waitSignal(panel.runner.finished, timeout=10_000) as sig:
+        panel.runner.start(_fails, "/nowhere", description="scan", on_error=errors.append)
+    assert sig.args == ["error"]
+    assert isinstance(errors[0], FileNotFoundError)
+    assert "/nowhere does not exist" in panel.status.text()

@@ -71,6 +71,51 @@ def panel() -> None:
     viewer.close()
 
 
+@shot
+def loading() -> None:
+    """The Load tab: the real 72-field transfluor plate as a plate map with a clicked field open
+    (loading.png), and the real ExampleHuman field with named channels (loading-example-human.png).
+    """
+    import os
+    import tempfile
+
+    real = ROOT.parent / "shared" / "data" / "real"
+    os.environ["CELLMAE_HOME"] = tempfile.mkdtemp()  # channel names stay out of the user's cache
+    viewer = _viewer()
+    _dock, panel = viewer.window.add_plugin_dock_widget("napari-cellmae", "CellMAE")
+    tab = panel.tabs["Load"]
+    tab.scan(str(real / "transfluor-plate"))
+    wait_for(panel.runner)
+    tab.well_combo.setCurrentIndex(tab.well_combo.findData("O12"))
+    tab.site_combo.setCurrentIndex(1)
+    layer = viewer.layers["plate map"]
+    index = int(
+        (
+            (layer.features["Metadata_Well"] == "O12") & (layer.features["Metadata_Site"] == 2)
+        ).idxmax()
+    )
+    layer.selected_data = {index}  # as a click on the point does
+    wait_for(panel.runner)
+    viewer.layers.selection.active = layer  # shows the clicked point highlighted
+    viewer.reset_view()
+    save_window(viewer, "loading")
+    viewer.close()
+
+    viewer = _viewer()
+    _dock, panel = viewer.window.add_plugin_dock_widget("napari-cellmae", "CellMAE")
+    tab = panel.tabs["Load"]
+    tab.scan(str(real / "ExampleHuman"))
+    wait_for(panel.runner)
+    tab.set_channel_names({"d0": "DNA (Hoechst)", "d1": "PH3 (mitosis)", "d2": "Cell body"})
+    tab.open_button.click()
+    wait_for(panel.runner)
+    viewer.layers.remove("plate map")
+    viewer.layers.remove("plate wells")
+    viewer.reset_view()
+    save_window(viewer, "loading-example-human")
+    viewer.close()
+
+
 def main(names: list[str]) -> int:
     for name in names or list(SHOTS):
         if name not in SHOTS:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 # (tab title, "module:Class") in display order; a feature adds its tab here once it works.
-TABS: tuple[tuple[str, str], ...] = ()
+TABS: tuple[tuple[str, str], ...] = (("Load", "napari_cellmae._qt.load_tab:LoadTab"),)
 
 
 class ModelCache:

@@ -1,0 +1,1 @@
+"""napari contributions that need no widget: the plate reader and the sample data."""

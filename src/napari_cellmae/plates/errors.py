@@ -1,0 +1,28 @@
+"""Typed errors for plate folders. All are ``ValueError``s whose message names the file or field
+and the fix, so the CLI prints them as one line and the GUI shows them on its status line."""
+
+from __future__ import annotations
+
+
+class PlateError(ValueError):
+    """Base class of everything a plate folder can get wrong."""
+
+
+class LayoutError(PlateError):
+    """No layout (or more than one) fits the folder's file names."""
+
+
+class FieldNotFoundError(PlateError):
+    """The requested plate/well/site is not in the index."""
+
+
+class MissingChannelError(PlateError):
+    """A field has no file for one of the requested channels."""
+
+
+class SizeMismatchError(PlateError):
+    """The channel files of one field have different image sizes."""
+
+
+class CorruptFileError(PlateError):
+    """An image file is missing, truncated or not decodable."""

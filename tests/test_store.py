@@ -24,6 +24,15 @@ def test_atomic_write_keeps_old_file_on_error(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["table.csv", "table.parquet"]
 
 
+def test_outputs_get_normal_permissions(tmp_path):
+    import stat
+
+    path = write_json_atomic(tmp_path / "config.json", {"a": 1})
+    (tmp_path / "plain.json").write_text("{}")  # what a plain open() gives under this umask
+    expected = stat.S_IMODE((tmp_path / "plain.json").stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == expected
+
+
 def test_json_and_checksum(tmp_path):
     path = write_json_atomic(tmp_path / "config.json", run_record(model="m", channels=["DNA"]))
     record = json.loads(path.read_text())

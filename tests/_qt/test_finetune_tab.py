@@ -1,0 +1,66 @@
+"""The Fine-tune tab in a real viewer: a tiny run in a subprocess, live loss plot, Cancel (the
+child checkpoints), Resume, the report, the new model in the model pickers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def panel(make_napari_viewer):
+    from napari_cellmae._qt.main_panel import TABS, MainPanel
+
+    assert TABS[-1] == ("Fine-tune", "napari_cellmae._qt.finetune_tab:FinetuneTab")
+    viewer = make_napari_viewer()
+    widget = MainPanel(viewer, tabs=("Load", "Fine-tune"))
+    viewer.window.add_dock_widget(widget, name="CellMAE")
+    return widget
+
+
+def test_train_cancel_resume_and_the_new_model_appears(panel, qtbot, small_screen, tmp_path):
+    plate, _ = small_screen
+    tab = panel.tabs["Fine-tune"]
+    load = panel.tabs["Load"]
+    with qtbot.waitSignal(panel.runner.finished, timeout=20_000):
+        load.scan(str(plate))
+    assert tab.plate_folders() == [str(plate)]  # the Load tab's plate by default
+    out = tmp_path / "gui-model"
+    tab.scratch.setChecked(True)
+    tab.preset.setCurrentText("cellmae_vit_test_patch16_256")
+    tab.epochs.setValue(200)
+    tab.batch_size.setValue(4)
+    tab.lr.setText("1e-3")
+    tab.out.setText(str(out))
+    panel.device_picker.combo.setCurrentIndex(panel.device_picker.combo.findData("cpu"))
+    assert not tab.resume_button.isEnabled()
+
+    # Start: wait for live steps on the plot, then Cancel
+    tab.start_button.click()
+    assert tab.runner.busy and not tab.start_button.isEnabled()
+    qtbot.waitUntil(lambda: len(tab.plot.train_points) >= 2, timeout=90_000)
+    assert len(tab.plot.train_line.get_xdata()) >= 1  # drawn
+    assert tab.runner.bar.maximum() > 0 and "ETA" in tab.runner.eta_label.text()
+    with qtbot.waitSignal(tab.runner.finished, timeout=120_000) as done:
+        tab.runner.cancel_button.click()
+    assert done.args[0] == "cancelled"
+    assert Path(f"{out}-checkpoints/last.pt").is_file() and not out.exists()
+    assert tab.resume_button.isEnabled()
+
+    # Resume with a budget that ends the run soon: the report shows, the pickers offer it
+    steps_at_cancel = tab.plot.train_points[-1][0]
+    tab.epochs.setValue(1)
+    with qtbot.waitSignal(tab.runner.finished, timeout=180_000) as done:
+        tab.resume_button.click()
+    assert done.args[0] == "done", panel.status.text()
+    steps = tab.result["metrics"]["steps"]  # 6 training wells × 4 crops / batch 4 per epoch
+    assert steps == max(6, steps_at_cancel) and tab.result["metrics"]["epochs"] >= 1
+    assert (out / "config.json").is_file() and not tab.report.isHidden()
+    assert "validation loss, start" in tab.report.toPlainText()
+    assert len(tab.plot.val_points) >= 2  # start + epoch 1, across the two sessions
+    assert panel.model_picker.combo.findData(str(out.resolve())) >= 0  # in the picker
+    tab.use_button.click()
+    assert panel.model_source() == str(out.resolve())

@@ -1,0 +1,151 @@
+"""Embed every field of one or more plate folders: per-crop, per-field and per-well tables.
+
+Each field is tiled into 256×256 crops (ceil(side/256) evenly spaced crops per axis); a field's
+vector is the mean of its crops', a well's the mean of its fields'. Reading runs ahead in
+background threads while the model computes; memory does not grow with the plate.
+
+Writes into --out: crops.parquet, fields.parquet, wells.parquet (+ wells.csv), features.parquet
+(classic per-channel intensity/texture statistics, the baseline of `cellmae profile`),
+errors.parquet (+ errors.csv: fields that could not be read, with the reason), config.json (model
+name and checksum, channels, pooling, block, version) and channels.json. Feature columns are
+emb_0000…; metadata columns Metadata_Plate, Metadata_Well, Metadata_Site … as in pycytominer.
+
+Resumable: each well is written on its own as soon as it is done (OUT/<plate>/wells/<well>/);
+running the same command again skips finished wells, so an interrupted run (Ctrl-C, a killed job)
+continues where it stopped. A different model or pooling for an existing --out is refused.
+
+examples:
+  cellmae embed /data/plate1 --out emb/
+  cellmae embed /data/screen/P1 /data/screen/P2 --model /models/OpenPhenom --device cuda --out emb/
+  cellmae embed /data/plate1 --channels DNA ER RNA AGP Mito --pooling channelwise --out emb/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "embed plates: per-crop, per-field and per-well parquet tables (resumable)"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --device, --precision, --batch-size, --block, --pooling."""
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="bundled model name, model folder (ours or an OpenPhenom snapshot) or Hugging Face "
+        "repo id (default: the bundled cellmae-tiny)",
+    )
+    model.add_argument(
+        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"
+    )
+    model.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="inference precision (default: auto = bf16/fp16 where the device is fast at it)",
+    )
+    model.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="crops per forward pass (default: 4 on CPU, 16 on MPS, 64 on CUDA; halved "
+        "automatically on out-of-memory)",
+    )
+    model.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        metavar="K",
+        help="1-based encoder block whose tokens are pooled (default: the model's best block, "
+        "else the last)",
+    )
+    model.add_argument(
+        "--pooling",
+        default=None,
+        choices=("mean", "channelwise", "cls"),
+        help="mean over all patch tokens (OpenPhenom's official embedding), channelwise "
+        "(one mean per channel, C×D values) or the CLS token (default: the model's, mean)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plates", nargs="+", metavar="PLATE_DIR", help="plate folder(s)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    add_model_arguments(parser)
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--layout",
+        default="auto",
+        help="file naming: auto (detect), imagexpress, harmony, cellomics, incell, incucyte, "
+        "rxrx, rxrx3, or a regex with named groups (default: auto)",
+    )
+    data.add_argument(
+        "--channels",
+        nargs="+",
+        default=None,
+        metavar="CHANNEL",
+        help="channel ids or names to embed, in this order (default: every channel)",
+    )
+    data.add_argument(
+        "--levels",
+        nargs="+",
+        default=["crop", "field", "well"],
+        choices=("crop", "field", "well"),
+        help="tables to write (default: crop field well)",
+    )
+    data.add_argument(
+        "--no-features",
+        action="store_true",
+        help="skip the baseline intensity/texture statistics (features.parquet)",
+    )
+    data.add_argument(
+        "--prefetch",
+        type=int,
+        default=4,
+        metavar="N",
+        help="fields read ahead in background threads (default: 4)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..embed import EmbedConfig, embed_plates
+    from ..progress import run as drive
+
+    config = EmbedConfig(
+        model=args.model,
+        pooling=args.pooling,
+        block=args.block,
+        batch_size=args.batch_size,
+        device=None if args.device == "auto" else args.device,
+        precision=args.precision,
+        channels=tuple(args.channels) if args.channels else None,
+        layout=args.layout,
+        levels=tuple(dict.fromkeys(args.levels)),
+        features=not args.no_features,
+        prefetch=args.prefetch,
+    )
+    with tqdm(desc="embed", unit="field", file=sys.stderr, dynamic_ncols=True) as bar:
+
+        def show(event) -> None:
+            if event.total is not None and bar.total != event.total:
+                bar.reset(total=event.total)
+            bar.n = event.done
+            bar.set_postfix_str(event.message, refresh=False)
+            bar.refresh()
+
+        result = drive(embed_plates(args.plates, args.out, config), progress=show)
+    skipped = f", {result.n_wells_skipped} already done" if result.n_wells_skipped else ""
+    print(
+        f"embedded {result.n_fields} fields ({result.n_crops} crops) in {result.n_wells} wells"
+        f"{skipped}; {result.n_errors} field(s) failed (see errors.csv); "
+        f"{result.seconds:.1f} s -> {result.out_dir}"
+    )
+    for name, path in result.tables.items():
+        print(f"  {name:<9} {path}")
+    return 0

@@ -1,0 +1,124 @@
+"""Profile embeddings against a platemap: align on controls, aggregate, relate, model vs baseline.
+
+EMB_DIR is the output folder of `cellmae embed`. The platemap (CSV or TSV) gives each well its
+perturbation and whether it is a negative control: columns Metadata_Plate (optional; plate names
+are those of `cellmae embed`), Metadata_Well, Metadata_Perturbation, Metadata_IsControl, and
+optionally Metadata_Batch (loose names work too: plate, well, treatment, is_control, batch).
+
+Alignment on the controls of each batch (default: each plate): center-scale, pca-cs (PCA fit on
+controls + center-scale) or tvn (PCA on controls, center-scale, then whitening with each batch's
+control covariance + 0.5·I, as in EFAAR). Profiles are averaged per perturbation and related by
+cosine similarity. Metrics: replicate consistency against a null of random control sets,
+replicate retrieval mAP, and, given known pairs (--pairs CSV with two perturbation columns, or
+--relationship-column), the share of pairs in the top/bottom 5% of all cosines. Every metric is
+computed for the model and for a baseline on the same fields (PCA of classic per-channel
+intensity/texture statistics).
+
+Writes into --out: report.md, metrics.csv, replicates_*.csv, similarity_*.csv, pairs_*.csv,
+profiles_*.parquet, aligned_*.parquet and config.json.
+
+examples:
+  cellmae profile emb/ --platemap platemap.csv --out report/
+  cellmae profile emb/ --platemap platemap.csv --pairs known_pairs.csv --align pca-cs --out report/
+  cellmae profile emb/ --platemap layout.tsv --control DMSO --batch-column batch --out report/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "align embeddings on controls, relate perturbations, report model vs baseline metrics"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("emb_dir", metavar="EMB_DIR", help="output folder of `cellmae embed`")
+    parser.add_argument("--platemap", required=True, metavar="CSV", help="platemap CSV/TSV")
+    parser.add_argument("--out", required=True, metavar="DIR", help="report folder (created)")
+    parser.add_argument(
+        "--pairs",
+        metavar="CSV",
+        default=None,
+        help="known perturbation relationships: a CSV whose first two columns name two "
+        "perturbations per row",
+    )
+    parser.add_argument(
+        "--relationship-column",
+        metavar="COLUMN",
+        default=None,
+        help="instead of --pairs: perturbations sharing a value of this platemap column "
+        "(e.g. Metadata_Mechanism) are related",
+    )
+    parser.add_argument(
+        "--align",
+        default="tvn",
+        choices=("tvn", "pca-cs", "center-scale", "none"),
+        help="alignment on the controls of each batch (default: tvn)",
+    )
+    parser.add_argument(
+        "--level",
+        default="well",
+        choices=("well", "field"),
+        help="profile wells (default) or single fields",
+    )
+    parser.add_argument(
+        "--batch-column",
+        default=None,
+        metavar="COLUMN",
+        help="platemap column of the batches (default: Metadata_Batch if present, else the plate)",
+    )
+    parser.add_argument(
+        "--control",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="perturbation name(s) of the negative controls, when the platemap has no control "
+        "column",
+    )
+    parser.add_argument(
+        "--null-size",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="random control sets in the replicate-consistency null (default: 1000)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the null (default: 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..profiling import profile_report
+    from ..progress import run as drive
+
+    if args.pairs and args.relationship_column:
+        raise ValueError("give either --pairs or --relationship-column, not both")
+    with tqdm(desc="profile", file=sys.stderr, dynamic_ncols=True) as bar:
+
+        def show(event) -> None:
+            if event.total is not None and bar.total != event.total:
+                bar.reset(total=event.total)
+            bar.n = event.done
+            bar.set_postfix_str(event.message, refresh=False)
+            bar.refresh()
+
+        report = drive(
+            profile_report(
+                args.emb_dir,
+                args.platemap,
+                args.out,
+                pairs=args.pairs,
+                method=args.align,
+                level=args.level,
+                batch_column=args.batch_column,
+                controls=args.control,
+                relationship_column=args.relationship_column,
+                n_null=args.null_size,
+                seed=args.seed,
+            ),
+            progress=show,
+        )
+    table = report.metrics[["metric", "model", "baseline", "chance"]]
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"report: {report.out_dir / 'report.md'}")
+    return 0

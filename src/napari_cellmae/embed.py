@@ -1,0 +1,750 @@
+"""Plates in, embeddings out: per-crop, per-field and per-well tables, resumable, streaming.
+
+The unit of work is one well (:func:`embed_well`): its fields are read, tiled into 256×256 crops
+(:mod:`napari_cellmae.tiling`), embedded, and summarised (field = mean of its crops, well = mean
+of its fields); the classic baseline statistics of :mod:`napari_cellmae.features` are computed
+from the same fields. Each finished well is written as one folder, ``OUT/<plate>/wells/<well>/``,
+built under a temporary name and renamed into place, so a folder exists only when complete: a
+rerun skips finished wells and a killed run resumes with no duplicates.
+
+:func:`embed_plates` is the pipeline (a progress generator). Serially it streams every pending
+field of a plate through three overlapping stages: reading in background threads
+(:func:`~napari_cellmae.plates.iter_fields` prefetch), tiling + statistics in a small thread pool,
+and the model on the calling thread, with crops from consecutive fields packed into batches of
+the device's size. Given a ``concurrent.futures``-style ``executor`` it hands one task per well
+to it instead (:func:`run_well_task`: the model is loaded once per worker process). Memory stays
+bounded by the read-ahead, not the plate. At the end the wells are gathered, one at a time
+(:mod:`napari_cellmae.embed_store` keeps the folder layout), into
+
+- ``crops.parquet``    Metadata_* + Metadata_Crop/CropY/CropX + emb_0000…
+- ``fields.parquet``   Metadata_* + Metadata_NCrops + emb_*
+- ``wells.parquet``    Metadata_Plate/Well/Row/Col + Metadata_NFields + emb_* (+ ``wells.csv``)
+- ``features.parquet`` per-field baseline statistics feat_*
+- ``errors.parquet``   fields that could not be read or embedded (+ ``errors.csv``)
+- ``config.json``      the run record: model name and checksum, channels, pooling, block, version
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .embed_store import (
+    EMB_PREFIX,
+    LEVELS,
+    TABLES,
+    assemble,
+    check_resume,
+    clean_partial,
+    embedding_columns,
+    read_table,
+    safe_name,
+    totals,
+    well_dir,
+    write_well,
+)
+from .progress import Progress
+from .store import run_record, write_json_atomic
+
+__all__ = [
+    "EMB_PREFIX",
+    "LEVELS",
+    "POOLINGS",
+    "TABLES",
+    "EmbedConfig",
+    "EmbedResult",
+    "WellTables",
+    "WellTask",
+    "assemble",
+    "embed_plates",
+    "embed_well",
+    "embedding_columns",
+    "read_table",
+    "run_well_task",
+    "safe_name",
+    "well_dir",
+    "well_tables",
+    "write_well",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from .inference import CellMAEModel
+
+logger = logging.getLogger(__name__)
+
+POOLINGS = ("mean", "channelwise", "cls")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """How to embed plates (saved in ``config.json`` beside the tables).
+
+    Parameters
+    ----------
+    model : str, optional
+        Model source for :func:`~napari_cellmae.load_model` (None = the bundled default).
+    pooling : {"mean", "channelwise", "cls"}, optional
+        Token pooling (None = the model's default, "mean" unless its folder says otherwise).
+    block : int, optional
+        1-based encoder block (None = the model's best block, else the last).
+    batch_size : int, optional
+        Crops per forward pass (None = by device: 4 on CPU, 64 on CUDA; halved on out-of-memory).
+    device, precision : str, optional
+        As in :func:`~napari_cellmae.load_model` (None = best available / "auto").
+    channels : tuple of str, optional
+        Channel ids or names to read, in the order the model gets them (default: all).
+    layout : str
+        Plate layout for :func:`~napari_cellmae.plates.scan_plate` ("auto", a name or a regex).
+    levels : tuple of str
+        Tables to write among "crop", "field", "well" (fields are always computed).
+    features : bool
+        Also compute the baseline statistics (:mod:`napari_cellmae.features`).
+    prefetch : int
+        Fields read ahead in background threads.
+    """
+
+    model: str | None = None
+    pooling: str | None = None
+    block: int | None = None
+    batch_size: int | None = None
+    device: str | None = None
+    precision: str | None = None
+    channels: tuple[str, ...] | None = None
+    layout: str = "auto"
+    levels: tuple[str, ...] = LEVELS
+    features: bool = True
+    prefetch: int = 4
+
+    def __post_init__(self) -> None:
+        if self.channels is not None:
+            object.__setattr__(self, "channels", tuple(str(c) for c in self.channels))
+        object.__setattr__(self, "levels", tuple(self.levels))
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} is unknown: use one of {POOLINGS}.")
+        if self.block is not None and int(self.block) < 1:
+            raise ValueError(f"block must be >= 1 (1-based), got {self.block}.")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        unknown = set(self.levels) - set(LEVELS)
+        if unknown or not self.levels:
+            raise ValueError(f"levels {self.levels} must be a non-empty subset of {LEVELS}.")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}.")
+
+
+@dataclass
+class WellTables:
+    """The tables of one well (DataFrames; ``crops`` None when the crop level is off)."""
+
+    fields: pd.DataFrame
+    well: pd.DataFrame
+    features: pd.DataFrame | None
+    errors: pd.DataFrame
+    crops: pd.DataFrame | None = None
+
+
+@dataclass
+class EmbedResult:
+    """What :func:`embed_plates` returns: the output folder, its tables and the counts."""
+
+    out_dir: Path
+    tables: dict[str, Path]
+    n_wells: int
+    n_wells_skipped: int
+    n_fields: int
+    n_errors: int
+    n_crops: int
+    seconds: float
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+# -- fields -> crops -> embeddings ----------------------------------------------------------------
+@dataclass
+class _Field:
+    """One field on its way through the pipeline."""
+
+    meta: dict[str, Any]
+    crops: np.ndarray | None = None  # (n, C, 256, 256) input crops, dropped once embedded
+    positions: np.ndarray | None = None  # (n, 2) (y, x)
+    features: np.ndarray | None = None  # (F,)
+    error: str | None = None
+    error_type: str | None = None
+    emb: np.ndarray | None = None  # (n, D) filled batch by batch
+    filled: int = 0
+    channels: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.error is not None or (self.emb is not None and self.filled == len(self.emb))
+
+
+def _prepare(model: CellMAEModel, result: Any, features: bool) -> _Field:
+    """FieldResult -> crops, positions and statistics (thread-safe; runs in the prepare pool)."""
+    meta, image, error = result
+    item = _Field(dict(meta))
+    if error is not None:
+        item.error, item.error_type = str(error), type(error).__name__
+        return item
+    try:
+        crops, positions = model.field_crops(image)
+        model.check_images(crops)
+        if features:
+            from .features import field_features
+
+            item.features = field_features(image)
+    except ValueError as exc:  # a field the model cannot take (too small, NaN): record it
+        item.error, item.error_type = str(exc), type(exc).__name__
+        return item
+    item.crops, item.positions, item.channels = crops, positions, crops.shape[1]
+    return item
+
+
+def _prepared(
+    model: CellMAEModel, results: Iterable[Any], features: bool, workers: int, ahead: int
+) -> Iterator[_Field]:
+    """:func:`_prepare` over ``results`` in a thread pool, ``ahead`` fields in flight, in order."""
+    if workers <= 0:
+        for result in results:
+            yield _prepare(model, result, features)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prepare")
+    pending: deque[Future] = deque()
+    try:
+        for result in results:
+            pending.append(pool.submit(_prepare, model, result, features))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _embed_stream(
+    model: CellMAEModel, items: Iterable[_Field], pooling: str, block: int | None, batch_size: int
+) -> Iterator[_Field]:
+    """Embed the crops of a stream of fields in batches that span fields; yields every field (in
+    order) once all its crops are embedded."""
+    queue: deque[_Field] = deque()
+    segments: list[tuple[_Field, int, int]] = []  # (field, first crop, end) waiting for a batch
+    n_waiting = 0
+    kind: tuple | None = None  # (dtype, channels) of the waiting crops: a batch has one
+
+    def run_batch(limit: int) -> None:
+        nonlocal n_waiting
+        take, parts, count = [], [], 0
+        while segments and count < limit:
+            item, start, stop = segments[0]
+            n = min(stop - start, limit - count)
+            take.append((item, start, start + n))
+            parts.append(item.crops[start : start + n])
+            count += n
+            if start + n == stop:
+                segments.pop(0)
+            else:
+                segments[0] = (item, start + n, stop)
+        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)  # (count, C, 256, 256)
+        emb = model.embed(batch, pooling=pooling, block=block, batch_size=batch_size)
+        offset = 0
+        for item, start, stop in take:
+            if item.emb is None:
+                item.emb = np.empty((len(item.crops), emb.shape[1]), np.float32)
+            item.emb[start:stop] = emb[offset : offset + stop - start]
+            item.filled += stop - start
+            offset += stop - start
+            if item.complete:
+                item.crops = None  # free the pixels as soon as they are embedded
+        n_waiting -= count
+
+    for item in items:
+        queue.append(item)
+        if item.error is None:
+            this = (item.crops.dtype, item.crops.shape[1])
+            if kind is not None and this != kind and n_waiting:
+                while n_waiting:
+                    run_batch(n_waiting)
+            kind = this
+            segments.append((item, 0, len(item.crops)))
+            n_waiting += len(item.crops)
+        while n_waiting >= batch_size:
+            run_batch(batch_size)
+        while queue and queue[0].complete:
+            yield queue.popleft()
+    while n_waiting:
+        run_batch(batch_size)
+    while queue:
+        yield queue.popleft()
+
+
+# -- one well's tables ----------------------------------------------------------------------------
+def _emb_columns(width: int) -> list[str]:
+    return [f"{EMB_PREFIX}{i:04d}" for i in range(width)]
+
+
+def _meta_frame(metas: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    df = pd.DataFrame(metas)
+    for col in ("Metadata_Col", "Metadata_Site", "Metadata_Plane", "Metadata_Timepoint"):
+        if col in df:
+            df[col] = df[col].astype("int64")
+    return df
+
+
+def _with_matrix(meta: pd.DataFrame, matrix: np.ndarray, columns: list[str]) -> pd.DataFrame:
+    import pandas as pd
+
+    values = pd.DataFrame(matrix.astype(np.float32, copy=False), columns=columns)
+    return pd.concat([meta.reset_index(drop=True), values], axis=1)
+
+
+def well_tables(items: Sequence[_Field], width: int, levels: Sequence[str]) -> WellTables:
+    """Build one well's tables from its embedded fields (``width`` = embedding length)."""
+    import pandas as pd
+
+    cols = _emb_columns(width)
+    ok = [f for f in items if f.error is None]
+    bad = [f for f in items if f.error is not None]
+    field_meta = _meta_frame([f.meta for f in ok]) if ok else pd.DataFrame()
+    field_meta = field_meta.assign(Metadata_NCrops=[len(f.emb) for f in ok]) if ok else field_meta
+    field_emb = np.stack([f.emb.mean(axis=0) for f in ok]) if ok else np.zeros((0, width), "f4")
+    fields = _with_matrix(field_meta, field_emb, cols) if ok else pd.DataFrame()
+    well = pd.DataFrame()
+    if ok:
+        keep = ["Metadata_Plate", "Metadata_Well", "Metadata_Row", "Metadata_Col"]
+        meta = field_meta[keep].iloc[:1].assign(Metadata_NFields=len(ok))
+        well = _with_matrix(meta, field_emb.mean(axis=0, keepdims=True), cols)
+    features = None
+    if ok and ok[0].features is not None:
+        from .features import feature_names
+
+        names = feature_names(ok[0].channels)
+        features = _with_matrix(field_meta, np.stack([f.features for f in ok]), names)
+    errors = _meta_frame([f.meta for f in bad]) if bad else pd.DataFrame()
+    if bad:
+        errors["error_type"] = [f.error_type for f in bad]
+        errors["error"] = [f.error for f in bad]
+    crops = None
+    if "crop" in levels and ok:
+        rows, mats = [], []
+        for f in ok:
+            for i, (y, x) in enumerate(f.positions):
+                rows.append(
+                    {**f.meta, "Metadata_Crop": i, "Metadata_CropY": y, "Metadata_CropX": x}
+                )
+            mats.append(f.emb)
+        meta = _meta_frame(rows)
+        for col in ("Metadata_Crop", "Metadata_CropY", "Metadata_CropX"):
+            meta[col] = meta[col].astype("int64")
+        crops = _with_matrix(meta, np.concatenate(mats), cols)
+    return WellTables(fields=fields, well=well, features=features, errors=errors, crops=crops)
+
+
+def embed_well(
+    model: CellMAEModel, well_index: pd.DataFrame, config: EmbedConfig = EmbedConfig()
+) -> WellTables:
+    """Embed every field of one well.
+
+    Parameters
+    ----------
+    model : CellMAEModel
+        From :func:`~napari_cellmae.load_model`.
+    well_index : DataFrame
+        The rows of one well in a :func:`~napari_cellmae.plates.scan_plate` index (its ``attrs``
+        give the channels).
+    config : EmbedConfig
+        Pooling, block, batch size, channels, levels, statistics.
+
+    Returns
+    -------
+    WellTables
+        Unreadable fields are in ``errors``; the others in ``fields`` (and ``crops``).
+    """
+    from .plates import iter_fields
+
+    pooling = config.pooling or model.default_pooling
+    bs = _batch_size(model, config)
+    results = iter_fields(well_index, prefetch=config.prefetch, channels=config.channels)
+    items = (_prepare(model, r, config.features) for r in results)
+    done = list(_embed_stream(model, items, pooling, config.block, bs))
+    n_channels = len(_channels([well_index], config)[0])
+    return well_tables(done, _embedding_width(model, pooling, n_channels), config.levels)
+
+
+def _batch_size(model: CellMAEModel, config: EmbedConfig) -> int:
+    from .inference import default_batch_size
+
+    return int(config.batch_size or default_batch_size(model.device))
+
+
+# -- executor tasks (issue 10 hands these to Dask) -------------------------------------------
+@dataclass
+class WellTask:
+    """One well to embed, self-contained so that it can be shipped to another process."""
+
+    well_index: Any  # DataFrame: the well's rows of the plate index (attrs kept)
+    path: Path
+    config: EmbedConfig
+    model_checksum: str
+    model: Any = None  # the caller's model (threads); None = load config.model in the worker
+    n_fields: int = 0  # for progress
+
+
+_MODELS: dict[tuple, Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _worker_model(config: EmbedConfig) -> CellMAEModel:
+    """The model of ``config``, loaded once per process (thread-safe)."""
+    key = (config.model, config.device, config.precision)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            from .hub import load_model
+
+            _MODELS[key] = load_model(
+                config.model, device=config.device, encoder_only=True, precision=config.precision
+            )
+        return _MODELS[key]
+
+
+def run_well_task(task: WellTask) -> dict[str, Any]:
+    """Embed and write one well (what an executor runs); returns its counts."""
+    model = task.model if task.model is not None else _worker_model(task.config)
+    if model.checksum != task.model_checksum:
+        raise ValueError(
+            f"the worker loaded model {task.config.model!r} with checksum "
+            f"{model.checksum[:12]}…, not the run's {task.model_checksum[:12]}…: give every "
+            "worker the same model folder"
+        )
+    meta = task.well_index.iloc[0]
+    if task.path.is_dir():
+        return {"plate": meta["Metadata_Plate"], "well": meta["Metadata_Well"], "skipped": True}
+    tables = embed_well(model, task.well_index, task.config)
+    write_well(tables, task.path)
+    return {
+        "plate": meta["Metadata_Plate"],
+        "well": meta["Metadata_Well"],
+        "fields": len(tables.fields),
+        "errors": len(tables.errors),
+        "skipped": False,
+    }
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+def _embedding_width(model: CellMAEModel, pooling: str, n_channels: int) -> int:
+    return model.embed_dim * (n_channels if pooling == "channelwise" else 1)
+
+
+def _plates(plates: Sequence[Any], config: EmbedConfig) -> list[pd.DataFrame]:
+    import pandas as pd
+
+    from .plates import scan_plate
+
+    if isinstance(plates, (str, os.PathLike, pd.DataFrame)):
+        plates = [plates]
+    if not plates:
+        raise ValueError("no plate given: pass at least one plate folder")
+    indexes = [p if isinstance(p, pd.DataFrame) else scan_plate(p, config.layout) for p in plates]
+    seen: dict[str, str] = {}
+    for index in indexes:
+        root = str(index.attrs.get("root", "?"))
+        for plate in index["Metadata_Plate"].unique():
+            if plate in seen and seen[plate] != root:
+                raise ValueError(
+                    f"plate {plate!r} is both in {seen[plate]} and {root}: embed them into "
+                    "separate output folders, or rename one of the plate folders"
+                )
+            seen[str(plate)] = root
+    return indexes
+
+
+def _channels(indexes: list[pd.DataFrame], config: EmbedConfig) -> list[list[str]]:
+    from .plates.read import _resolve_channels
+
+    per_plate = [_resolve_channels(index, config.channels) for index in indexes]
+    counts = {len(c) for c in per_plate}
+    if len(counts) > 1:
+        detail = ", ".join(f"{i.attrs.get('root')}: {c}" for i, c in zip(indexes, per_plate))
+        raise ValueError(
+            f"the plates have different channel counts ({detail}): pass --channels with the "
+            "channels they share, in the same order"
+        )
+    return per_plate
+
+
+def _pending(
+    index: pd.DataFrame, out: Path
+) -> tuple[pd.DataFrame, dict[tuple[str, str], int], int]:
+    """Fields of the wells not yet written, their field counts per well, and the wells skipped."""
+    from .plates import list_fields
+
+    fields = list_fields(index)
+    keys = list(zip(fields["Metadata_Plate"].astype(str), fields["Metadata_Well"].astype(str)))
+    counts: dict[tuple[str, str], int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    done = {k for k in counts if well_dir(out, *k).is_dir()}
+    keep = np.array([k not in done for k in keys], dtype=bool)
+    return fields[keep], {k: n for k, n in counts.items() if k not in done}, len(done)
+
+
+def embed_plates(
+    plates: Sequence[str | os.PathLike | pd.DataFrame] | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: EmbedConfig = EmbedConfig(),
+    model: CellMAEModel | None = None,
+    executor: Any = None,
+    max_in_flight: int | None = None,
+    prepare_workers: int | None = None,
+):
+    """Embed whole plates into ``out_dir`` (a progress generator; returns :class:`EmbedResult`).
+
+    Parameters
+    ----------
+    plates : folder, index, or a sequence of them
+        Plate folders (scanned with ``config.layout``) or :func:`~napari_cellmae.scan_plate`
+        indexes (the Load tab passes its own, with the channel names the user gave).
+    out_dir : path
+        Output folder; an existing one made with the same settings is resumed.
+    config : EmbedConfig
+        Model, pooling, block, batch size, channels, levels.
+    model : CellMAEModel, optional
+        An already loaded model (else ``config.model`` is loaded, encoder only).
+    executor : concurrent.futures.Executor, optional
+        Run one task per well on it (:func:`run_well_task`); default serial, streaming.
+    max_in_flight : int, optional
+        Well tasks submitted at once to ``executor`` (default twice its workers).
+    prepare_workers : int, optional
+        Threads tiling fields and computing statistics next to the model (default: a CPU core
+        not used by reading, 1 to 4).
+
+    Yields
+    ------
+    Progress
+        One event per field embedded (per well with an executor).
+    """
+    import pyarrow.parquet as pq
+
+    from .plates.channels import save_channel_map
+
+    t0 = time.monotonic()
+    out = Path(out_dir).expanduser()
+    yield Progress(0, None, "scanning plates")
+    indexes = _plates(plates, config)
+    channel_ids = _channels(indexes, config)
+    if model is None:
+        from .hub import load_model
+
+        yield Progress(0, None, f"loading model {config.model or '(bundled default)'}")
+        model = load_model(
+            config.model, device=config.device, encoder_only=True, precision=config.precision
+        )
+    n_channels = len(channel_ids[0])
+    size = model.config.img_size
+    model.module.check_input((1, n_channels, size, size))  # wrong channel count: stop here
+    if config.block is not None and config.block > model.depth:
+        raise ValueError(f"block {config.block} is not in 1..{model.depth} for {model.name}.")
+    pooling = config.pooling or model.default_pooling
+    width = _embedding_width(model, pooling, n_channels)
+    bs = _batch_size(model, config)
+    first = indexes[0]
+    names = first.attrs.get("channel_names") or {}
+    record = run_record(
+        model=model.name,
+        model_source=str(model.source or config.model or ""),
+        model_checksum=model.checksum,
+        attribution=model.attribution,
+        pooling=pooling,
+        block=int(config.block or model.default_block or model.depth),
+        precision=model.precision,
+        channels=list(channel_ids[0]),
+        channel_names=[names.get(c, c) for c in channel_ids[0]],
+        levels=list(config.levels),
+        features=bool(config.features),
+        embedding_width=width,
+        crop_size=size,
+        tiling="napari_cellmae.tiling.crop_grid: ceil(side/256) evenly spaced crops; "
+        "field = mean of crops, well = mean of fields",
+        plates=[
+            {
+                "root": str(i.attrs.get("root", "")),
+                "layout": i.attrs.get("layout"),
+                "plates": [str(p) for p in i["Metadata_Plate"].unique()],
+                "channels": list(c),
+            }
+            for i, c in zip(indexes, channel_ids)
+        ],
+        config=asdict(config),
+        device=str(model.device),
+        batch_size=bs,
+    )
+    check_resume(out, record)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", {**record, "status": "running"})
+    save_channel_map(out, {c: names.get(c, c) for c in channel_ids[0]}, channel_ids[0])
+    if n := clean_partial(out):
+        logger.info("removed %d half-written wells of an interrupted run", n)
+
+    plans = [(index, *_pending(index, out)) for index in indexes]
+    total = sum(len(fields) for _, fields, _, _ in plans)
+    skipped = sum(s for *_, s in plans)
+    failures: list[dict[str, Any]] = []
+    if skipped:
+        logger.info("resuming: %d wells already embedded are skipped", skipped)
+    resumed = f", {skipped} wells already done" if skipped else ""
+    yield Progress(0, total, f"{total} fields to embed{resumed}")
+    if executor is None:
+        workers = prepare_workers
+        if workers is None:
+            workers = max(1, min(4, (os.cpu_count() or 2) - 1))
+        done = 0
+        for index, fields, counts, _ in plans:
+            yield from _run_serial(
+                model, index, fields, counts, out, config, pooling, bs, width, workers, done, total
+            )
+            done += len(fields)
+    else:
+        task_config = replace(config, model=str(model.source or config.model or "") or None)
+        tasks = []
+        for index, _, counts, _ in plans:
+            for (plate, well), rows in index.groupby(
+                ["Metadata_Plate", "Metadata_Well"], sort=False
+            ):
+                key = (str(plate), str(well))
+                if key not in counts:
+                    continue
+                rows = rows.copy()
+                rows.attrs = dict(index.attrs)
+                tasks.append(
+                    WellTask(
+                        well_index=rows,
+                        path=well_dir(out, *key),
+                        config=task_config,
+                        model_checksum=model.checksum,
+                        model=model if isinstance(executor, ThreadPoolExecutor) else None,
+                        n_fields=counts[key],
+                    )
+                )
+        limit = max_in_flight or 2 * int(getattr(executor, "_max_workers", 2) or 2)
+        yield from _run_executor(executor, tasks, limit, total, failures)
+
+    yield Progress(total, total, "gathering tables")
+    plate_names = [str(p) for index in indexes for p in index["Metadata_Plate"].unique()]
+    tables = assemble(out, plate_names, config.levels, config.features, failures)
+    counts = {k: pq.read_metadata(p).num_rows for k, p in tables.items()}
+    counts |= totals(out, plate_names)
+    seconds = time.monotonic() - t0
+    final = {
+        **record,
+        "status": "complete",
+        "counts": counts,
+        "tables": {k: p.name for k, p in tables.items()},
+        "seconds": round(seconds, 2),
+    }
+    write_json_atomic(out / "config.json", final)
+    return EmbedResult(
+        out_dir=out,
+        tables=tables,
+        n_wells=counts["n_wells"],
+        n_wells_skipped=skipped,
+        n_fields=counts["n_fields"],
+        n_errors=counts["errors"],
+        n_crops=counts["n_crops"],
+        seconds=seconds,
+        config=final,
+    )
+
+
+def _run_serial(
+    model: CellMAEModel,
+    index: pd.DataFrame,
+    fields: pd.DataFrame,
+    counts: dict[tuple[str, str], int],
+    out: Path,
+    config: EmbedConfig,
+    pooling: str,
+    bs: int,
+    width: int,
+    workers: int,
+    done: int,
+    total: int,
+):
+    """Stream the pending fields of one plate index: read ahead, prepare, embed, write wells."""
+    from .plates import iter_fields
+
+    if not len(fields):
+        return
+    results = iter_fields(index, prefetch=config.prefetch, channels=config.channels, fields=fields)
+    prepared = _prepared(model, results, config.features, workers, ahead=max(1, config.prefetch))
+    stream = _embed_stream(model, prepared, pooling, config.block, bs)
+    buckets: dict[tuple[str, str], list[_Field]] = {}
+    try:
+        for item in stream:
+            key = (str(item.meta["Metadata_Plate"]), str(item.meta["Metadata_Well"]))
+            bucket = buckets.setdefault(key, [])
+            bucket.append(item)
+            if len(bucket) == counts[key]:
+                write_well(well_tables(buckets.pop(key), width, config.levels), well_dir(out, *key))
+            done += 1
+            site = item.meta.get("Metadata_Site")
+            yield Progress(done, total, f"{key[0]} {key[1]} site {site}")
+    finally:  # stopped early (Cancel, should_stop): the reader and prepare pools shut down
+        stream.close()
+        prepared.close()
+        results.close()
+
+
+def _run_executor(
+    executor: Any,
+    tasks: list[WellTask],
+    limit: int,
+    total: int,
+    failures: list[dict[str, Any]],
+):
+    """Hand well tasks to ``executor``, at most ``limit`` in flight; a failed well is recorded
+    (and left unwritten, so a rerun retries it)."""
+    todo = iter(tasks)
+    in_flight: dict[Future, WellTask] = {}
+    done = 0
+    try:
+        while True:
+            while len(in_flight) < limit:
+                task = next(todo, None)
+                if task is None:
+                    break
+                in_flight[executor.submit(run_well_task, task)] = task
+            if not in_flight:
+                break
+            finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+            for future in finished:
+                task = in_flight.pop(future)
+                meta = task.well_index.iloc[0]
+                try:
+                    future.result()
+                except Exception as exc:  # one bad well must not stop a screen
+                    logger.error("well %s failed: %s", task.path, exc)
+                    failures.append(
+                        {
+                            "Metadata_Plate": str(meta["Metadata_Plate"]),
+                            "Metadata_Well": str(meta["Metadata_Well"]),
+                            "error_type": type(exc).__name__,
+                            "error": f"the whole well failed: {exc}",
+                        }
+                    )
+                done += task.n_fields
+                yield Progress(done, total, f"{meta['Metadata_Plate']} {meta['Metadata_Well']}")
+    finally:
+        for future in in_flight:
+            future.cancel()

@@ -1,0 +1,245 @@
+"""Where embeddings are kept: one folder per finished well, gathered into the final tables.
+
+``OUT/<plate>/wells/<well>/`` holds a well's ``fields``, ``well``, ``crops``, ``features`` and
+``errors`` parquet files and a ``done.json``; it is built under a hidden temporary name and
+renamed into place, so it exists only when complete (a rerun skips it; a killed run leaves only a
+``.<well>.*.part`` folder, removed by the next run). :func:`assemble` streams the wells, one at a
+time, into ``crops``/``fields``/``wells``/``features``/``errors`` ``.parquet`` (+ CSV twins of
+the small ones); ``config.json`` guards a resumed run against other settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .store import atomic_path, write_table_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from .embed import WellTables
+
+EMB_PREFIX = "emb_"
+LEVELS = ("crop", "field", "well")
+TABLES = ("crops", "fields", "wells", "features", "errors")
+# settings a resumed run must share with the run it continues
+FINGERPRINT = ("model_checksum", "pooling", "block", "channels", "precision", "levels", "features")
+
+
+# -- the per-well output folder --------------------------------------------------------------------
+def safe_name(name: str) -> str:
+    """A plate or well name as a folder name (anything but letters, digits, ``.-_`` -> ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(name)) or "_"
+
+
+def well_dir(out_dir: str | os.PathLike, plate: str, well: str) -> Path:
+    """``OUT/<plate>/wells/<well>``: where one well's tables go (exists only when complete)."""
+    return Path(out_dir) / safe_name(plate) / "wells" / safe_name(well)
+
+
+def write_well(tables: WellTables, path: str | os.PathLike) -> bool:
+    """Write a well's tables into folder ``path`` atomically (built beside it, then renamed).
+
+    Returns False when ``path`` already exists (another worker finished that well first).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    try:
+        for name in ("fields", "well", "features", "errors", "crops"):
+            df = getattr(tables, name)
+            if df is not None and len(df):
+                df.to_parquet(tmp / f"{name}.parquet", engine="pyarrow", index=False)
+        counts = {
+            "fields": len(tables.fields),
+            "errors": len(tables.errors),
+            "crops": int(tables.fields["Metadata_NCrops"].sum()) if len(tables.fields) else 0,
+        }
+        (tmp / "done.json").write_text(json.dumps(counts) + "\n")
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if path.is_dir():  # finished elsewhere meanwhile: keep theirs
+                return False
+            raise
+        return True
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_partial(out_dir: Path) -> int:
+    """Remove half-written well folders left by a killed run."""
+    n = 0
+    for tmp in out_dir.glob("*/wells/.*.part"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        n += 1
+    return n
+
+
+def check_resume(out: Path, record: dict[str, Any]) -> None:
+    """A rerun must use the settings of the run it continues (mixed embeddings are useless)."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}): delete it or use another --out") from None
+    diffs = [
+        f"{key} {old.get(key)!r} (now {record.get(key)!r})"
+        for key in FINGERPRINT
+        if key in old and old.get(key) != record.get(key)
+    ]
+    if diffs:
+        raise ValueError(
+            f"{out} holds embeddings made with other settings: {'; '.join(diffs)}. Choose another "
+            f"output folder, or delete {out} to start over."
+        )
+
+
+def _well_sort_key(name: str) -> tuple:
+    from .plates.layouts import row_to_index, split_well
+
+    try:
+        row, col = split_well(name)
+        return (0, row_to_index(row), col, name)
+    except ValueError:
+        return (1, 0, 0, name)
+
+
+# -- gathering the wells into tables --------------------------------------------------------------
+_PARTS = {
+    "crops": "crops.parquet",
+    "fields": "fields.parquet",
+    "wells": "well.parquet",
+    "features": "features.parquet",
+    "errors": "errors.parquet",
+}
+
+
+ROW_GROUP_BYTES = 16 << 20  # wells are gathered into row groups of about this size
+
+
+def _concat_parquet(files: list[Path], path: Path) -> Path:
+    """Concatenate parquet files into ``path`` a few at a time (bounded memory; row groups of
+    about :data:`ROW_GROUP_BYTES`); columns are the union (Metadata_* first), missing ones null."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = [pq.read_schema(f) for f in files]
+    unified = pa.unify_schemas(schemas, promote_options="permissive").remove_metadata()
+    order = [n for n in unified.names if n.startswith("Metadata_")]
+    order += [n for n in unified.names if not n.startswith("Metadata_")]
+    unified = pa.schema([unified.field(n) for n in order])
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, unified) as writer:
+        pending: list = []
+        for i, f in enumerate(files):
+            table = pq.read_table(f)
+            columns = [
+                table[n].cast(unified.field(n).type)
+                if n in table.column_names
+                else pa.nulls(len(table), unified.field(n).type)
+                for n in order
+            ]
+            pending.append(pa.Table.from_arrays(columns, schema=unified))
+            if i == len(files) - 1 or sum(t.nbytes for t in pending) >= ROW_GROUP_BYTES:
+                writer.write_table(pa.concat_tables(pending))
+                pending = []
+    return path
+
+
+def assemble(
+    out_dir: str | os.PathLike,
+    plates: Sequence[str],
+    levels: Sequence[str] = LEVELS,
+    features: bool = True,
+    failures: Sequence[dict[str, Any]] = (),
+) -> dict[str, Path]:
+    """Gather the finished wells of ``plates`` into the final tables (see the module docstring)."""
+    import pandas as pd
+
+    out = Path(out_dir)
+    wells = []
+    for plate in plates:
+        folder = out / safe_name(plate) / "wells"
+        if folder.is_dir():
+            found = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
+            wells += sorted(found, key=lambda d: _well_sort_key(d.name))
+    wanted = {"crops": "crop" in levels, "fields": "field" in levels, "wells": "well" in levels}
+    wanted |= {"features": bool(features), "errors": True}
+    tables: dict[str, Path] = {}
+    for name, part in _PARTS.items():
+        if not wanted[name]:
+            continue
+        files = [d / part for d in wells if (d / part).is_file()]
+        path = out / f"{name}.parquet"
+        if name == "errors" and (failures or not files):
+            frames = [pd.read_parquet(f) for f in files] + [pd.DataFrame(list(failures))]
+            errors = pd.concat([f for f in frames if len(f)] or [_empty_errors()])
+            write_table_atomic(errors.reset_index(drop=True), path)
+        elif files:
+            _concat_parquet(files, path)
+        else:  # nothing embedded (every field failed): an empty table, not a missing one
+            write_table_atomic(_empty_errors().iloc[:, :2], path)
+        tables[name] = path
+    for name in ("wells", "errors"):  # the small tables a person opens: a CSV twin
+        if name in tables:
+            with atomic_path(tables[name].with_suffix(".csv")) as tmp:
+                pd.read_parquet(tables[name]).to_csv(tmp, index=False)
+    return tables
+
+
+def totals(out: Path, plates: Sequence[str]) -> dict[str, int]:
+    """Wells with at least one embedded field, fields and crops, from the wells' done.json."""
+    totals = {"n_wells": 0, "n_fields": 0, "n_crops": 0}
+    for plate in plates:
+        for done in (out / safe_name(plate) / "wells").glob("*/done.json"):
+            counts = json.loads(done.read_text())
+            totals["n_wells"] += counts["fields"] > 0
+            totals["n_fields"] += counts["fields"]
+            totals["n_crops"] += counts["crops"]
+    return totals
+
+
+def _empty_errors() -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "Metadata_Plate": pd.Series(dtype=str),
+            "Metadata_Well": pd.Series(dtype=str),
+            "Metadata_Site": pd.Series(dtype="Int64"),
+            "error_type": pd.Series(dtype=str),
+            "error": pd.Series(dtype=str),
+        }
+    )
+
+
+def read_table(out_dir: str | os.PathLike, level: str = "wells") -> pd.DataFrame:
+    """Read one table of an embedding folder (``crops``, ``fields``, ``wells``, ``features`` or
+    ``errors``); FileNotFoundError names what is missing and how to make it."""
+    import pandas as pd
+
+    if level not in TABLES:
+        raise ValueError(f"unknown table {level!r}: choose one of {TABLES}")
+    path = Path(out_dir) / f"{level}.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: run `cellmae embed PLATE_DIR --out {Path(out_dir)}` first"
+            + (" (with the crop level)" if level == "crops" else "")
+        )
+    return pd.read_parquet(path)
+
+
+def embedding_columns(df: pd.DataFrame, prefix: str = EMB_PREFIX) -> list[str]:
+    """The feature columns of a table: ``emb_0000`` … (``prefix`` + digits)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\d+$")
+    return [c for c in df.columns if pattern.match(str(c))]

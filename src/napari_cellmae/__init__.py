@@ -22,6 +22,9 @@ _LAZY: dict[str, str] = {
     "scan_plate": "napari_cellmae.plates",
     "read_field": "napari_cellmae.plates",
     "iter_fields": "napari_cellmae.plates",
+    "EmbedConfig": "napari_cellmae.embed",
+    "embed_plates": "napari_cellmae.embed",
+    "profile_report": "napari_cellmae.profiling",
     "train_qc_head": "napari_cellmae.qc",
 }
 

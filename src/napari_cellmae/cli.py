@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ._version import __version__
 
 # order = order in `cellmae --help`
-COMMANDS: tuple[str, ...] = ("info",)
+COMMANDS: tuple[str, ...] = ("info", "reconstruct", "embed", "qc", "profile", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,13 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 # (tab title, "module:Class") in display order; a feature adds its tab here once it works.
-TABS: tuple[tuple[str, str], ...] = (("Load", "napari_cellmae._qt.load_tab:LoadTab"),)
+TABS: tuple[tuple[str, str], ...] = (
+    ("Load", "napari_cellmae._qt.load_tab:LoadTab"),
+    ("Reconstruct", "napari_cellmae._qt.reconstruct_tab:ReconstructTab"),
+    ("Embed", "napari_cellmae._qt.embed_tab:EmbedTab"),
+    ("QC", "napari_cellmae._qt.qc_tab:QCTab"),
+    ("Fine-tune", "napari_cellmae._qt.finetune_tab:FinetuneTab"),
+)
 
 
 class ModelCache:

@@ -1,0 +1,211 @@
+"""Artefact QC of a plate folder: classic CellProfiler metrics, a z-score baseline and the QC head
+(frozen encoder embeddings + metrics), with flags and reasons per image and per field.
+
+Writes to --out: qc_images / qc_fields / qc_summary / passing_fields / passing_images (parquet +
+CSV), channels.json and run.json. --link-passing mirrors the passing fields' files (same relative
+paths; hard links, symlinks or copies) for downstream tools. The plate folder is never written.
+
+The head is used only with the encoder it was trained on (checksum); otherwise only the classic
+metrics are used, and --train-from-plate trains a head for the model from synthetic artefacts
+applied to this plate (minutes on a CPU).
+
+examples:
+  cellmae qc /data/plate1 --out qc/plate1
+  cellmae qc /data/plate1 --out qc/plate1 --link-passing /data/plate1_passing --link-mode symlink
+  cellmae qc /data/plate1 --model /models/OpenPhenom --train-from-plate --save-head op_head.npz \\
+      --out qc/plate1
+  cellmae qc --train-labels labels.csv --base-head my_head.npz --save-head my_head2.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "artefact QC of a plate folder: flags, reasons, passing list, mirror"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plate", nargs="?", help="plate folder to check (read only)")
+    parser.add_argument("--out", help="output folder for the report (outside the plate folder)")
+    parser.add_argument(
+        "--head",
+        help="QC head file (.npz) from train_qc_head or --save-head (default: the shipped head)",
+    )
+    parser.add_argument(
+        "--model",
+        help="encoder: bundled name, model folder or Hugging Face id (default: the bundled model)",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="crops per forward pass (default by device)"
+    )
+    parser.add_argument("--layout", default="auto", help="plate layout name or a regex (auto)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="flag an image when the head's artefact probability 1 - P(ok) exceeds this (0.5)",
+    )
+    parser.add_argument(
+        "--z-threshold",
+        type=float,
+        default=2.0,
+        help="classic rules: flag when a metric's plate/channel z-score exceeds this (2)",
+    )
+    parser.add_argument(
+        "--classic-only",
+        action="store_true",
+        help="use only the classic metrics and z-score rules (no model, no head)",
+    )
+    parser.add_argument(
+        "--link-passing", metavar="DIR", help="mirror the passing fields' files into DIR"
+    )
+    parser.add_argument(
+        "--link-mode",
+        choices=("hard", "symlink", "copy"),
+        default="hard",
+        help="how to mirror: hard links (same disk, no extra space), symlinks or copies",
+    )
+    train = parser.add_argument_group("training a head")
+    train.add_argument(
+        "--train-from-plate",
+        action="store_true",
+        help="train a head for --model from synthetic artefacts applied to PLATE, then use it",
+    )
+    train.add_argument(
+        "--n-fields", type=int, default=12, help="fields sampled by --train-from-plate (12)"
+    )
+    train.add_argument(
+        "--train-labels",
+        metavar="CSV",
+        help="train from labels: a CSV with columns path,class[,channel] "
+        "(class: ok, blur, saturation, debris, noise, empty, background)",
+    )
+    train.add_argument(
+        "--base-head",
+        metavar="FILE",
+        help="with --train-labels: start from this head (keeps what it knew); default: none",
+    )
+    train.add_argument("--save-head", metavar="FILE", help="write the trained head here (.npz)")
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="field", dynamic_ncols=True, file=sys.stderr)
+
+    def update(event) -> None:
+        if event.total is not None and bar.total != event.total:
+            bar.total = event.total
+        bar.n = event.done
+        bar.set_postfix_str(event.message[:40], refresh=False)
+        bar.refresh()
+
+    return bar, update
+
+
+def _load_model(args: argparse.Namespace, required: bool):
+    """(model or None, notice): the bundled default may be missing until it is trained."""
+    from .. import load_model
+    from ..registry import DEFAULT_MODEL, bundled_models
+
+    device = None if args.device == "auto" else args.device
+    if args.model is None and DEFAULT_MODEL not in bundled_models() and not required:
+        return None, f"The bundled model {DEFAULT_MODEL} is not installed: pass --model."
+    return load_model(args.model, device=device, encoder_only=True), ""
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..progress import run as drive
+    from ..qc.head import QCHead
+
+    if args.train_labels:
+        if not args.save_head:
+            raise ValueError("--train-labels needs --save-head FILE to write the new head to.")
+        from ..qc.training import train_qc_head
+
+        base = QCHead.load(args.base_head) if args.base_head else None
+        needs_model = base is None or base.spec.uses_encoder
+        model = _load_model(args, required=True)[0] if needs_model else None
+        head = train_qc_head(args.train_labels, model, base=base, batch_size=args.batch_size)
+        head.save(args.save_head)
+        print(f"{head.describe()}\nwrote {args.save_head}")
+        if not args.plate:
+            return 0
+    if not args.plate:
+        raise ValueError("Give a plate folder (cellmae qc PLATE --out DIR), or --train-labels.")
+    if not Path(args.plate).is_dir():
+        raise FileNotFoundError(f"Plate folder {args.plate} not found: pass an existing folder.")
+    if not args.out and not args.train_from_plate:
+        raise ValueError("--out DIR is required: the folder for the QC report.")
+
+    model, head, notice = None, None, ""
+    if args.train_from_plate:
+        from ..qc.training import train_head_from_plate
+
+        if args.classic_only:
+            raise ValueError("--train-from-plate trains a head: leave out --classic-only.")
+        model, _ = _load_model(args, required=True)
+        bar, update = _progress_bar("training QC head")
+        with bar:
+            head = drive(
+                train_head_from_plate(
+                    args.plate,
+                    model,
+                    n_fields=args.n_fields,
+                    layout=args.layout,
+                    batch_size=args.batch_size,
+                ),
+                progress=update,
+            )
+        if args.save_head:
+            head.save(args.save_head)
+            print(f"{head.describe()}\nwrote {args.save_head}")
+        if not args.out:
+            return 0
+    elif not args.classic_only:
+        head = QCHead.load(args.head)
+        if head.spec.uses_encoder:
+            model, notice = _load_model(args, required=args.model is not None)
+
+    from ..qc.run import run_qc
+
+    bar, update = _progress_bar("QC")
+    with bar:
+        result = drive(
+            run_qc(
+                args.plate,
+                args.out,
+                model,
+                head,
+                threshold=args.threshold,
+                z_threshold=args.z_threshold,
+                link_passing=args.link_passing,
+                link_mode=args.link_mode,
+                layout=args.layout,
+                batch_size=args.batch_size,
+            ),
+            progress=update,
+        )
+    for line in (notice, result["notice"]):
+        if line:
+            print(line)
+    method = "QC head" if result["method"] == "head" else "classic metrics (z-score rules)"
+    print(f"judged by: {method}")
+    for row in result["summary"].to_dict("records"):
+        classes = ", ".join(
+            f"{k[2:]} {v}"
+            for k, v in row.items()
+            if k.startswith("n_") and k[2:] not in ("fields", "passing", "flagged") and v
+        )
+        print(
+            f"{row['Metadata_Plate']}: {row['n_passing']}/{row['n_fields']} fields pass, "
+            f"{row['n_flagged']} flagged" + (f" ({classes})" if classes else "")
+        )
+    print(f"report: {Path(args.out) / 'qc_fields.csv'}")
+    if result["mirror"]:
+        m = result["mirror"]
+        print(f"mirror: {m['files']} files of passing fields in {m['folder']} ({m['mode']})")
+    return 0

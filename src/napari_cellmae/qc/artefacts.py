@@ -1,0 +1,416 @@
+"""Synthetic imaging artefacts, for training QC heads and for evaluating them.
+
+Each artefact works on one image scaled to [0, 1] and has five severity levels (1 = mild … 5 =
+severe; the parameter of each level is in :data:`ARTEFACTS`). :func:`apply_artefact` takes a
+whole field ``(C, H, W)`` (or one image) in any dtype, applies the artefact to the chosen channels
+(default: all) and returns the field in its own dtype (integers: scaled by the dtype's maximum,
+processed, rounded and clipped back, so a saturated pixel lands on the dtype's ceiling as a camera
+would write it). The same seed gives the same result; channels get independent random streams,
+except debris, which is one physical object seen in every channel.
+
+Recipes (see docs/qc.md):
+
+- ``defocus``: convolution with the scalar defocused PSF of a circular pupil (λ 500 nm, NA 0.5,
+  n 1.0, 0.65 µm pixels; Born & Wolf's defocus integral), defocus z = 2, 4, 7, 12, 20 µm.
+- ``gaussian_blur``: Gaussian of σ = 0.25·F px (BBBC005), F = 4, 8, 16, 28, 48.
+- ``saturation``: x′ = min(1, (max(0, x·P − O)·e + O) / P), P = 65535, O = 100, with the exposure
+  e chosen so that the image's 99.9th percentile reaches 1.1, 1.6, 2.5, 5, 12 × the ceiling.
+- ``noise``: Poisson shot noise with N photo-electrons at the image's bright level (99.9th
+  percentile) plus Gaussian read noise of 2 e⁻, N = 120, 50, 20, 8, 3.
+- ``debris``: bright, out-of-focus irregular blobs (thresholded smooth noise) and fibres (smooth
+  random curves), 4–12 × brighter than the cells' bright level; 1, 2, 3, 5, 8 objects of growing
+  size.
+- ``empty``: the field's own background (a smooth low-percentile surface plus noise matching the
+  background's) with the cells removed; 30%, 15%, 6%, 2%, 0% of the cells left.
+- ``background``: a smooth additive or multiplicative bias field (a random 2-D polynomial of
+  degree 2–3 through a sigmoid) of amplitude a = 0.4, 0.8, 1.5, 2.5, 4: additive (a × the cells'
+  contrast, the image then rescaled so that its bright level does not move) or multiplicative (the
+  dim side keeps 1/(1 + a) of the signal).
+- ``vignetting``: illumination falling off from an off-centre optical axis, to 45, 35, 25, 15, 8%
+  at the far corner.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+SEVERITIES = (1, 2, 3, 4, 5)
+SATURATION_P = 65535.0
+SATURATION_O = 100.0
+READ_NOISE_E = 2.0
+# the microscope of QC.md's defocus recipe
+WAVELENGTH_UM = 0.5
+NUMERICAL_APERTURE = 0.5
+REFRACTIVE_INDEX = 1.0
+PIXEL_UM = 0.65
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """One artefact recipe.
+
+    Attributes
+    ----------
+    name : str
+        Key in :data:`ARTEFACTS`.
+    qc_class : str
+        The QC class it produces (``blur``, ``saturation``, ``noise``, ``debris``, ``empty``,
+        ``background``).
+    levels : tuple
+        The recipe's parameter at severities 1..5.
+    func : callable
+        ``func(image (H, W) float64 in [0, 1], level, rng) -> (H, W)``.
+    description : str
+        One line for docs and tooltips.
+    """
+
+    name: str
+    qc_class: str
+    levels: tuple[float, ...]
+    func: Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
+    description: str
+
+
+def _bright(x: np.ndarray) -> float:
+    """The image's bright level (99.9th percentile), never 0."""
+    return max(float(np.percentile(x, 99.9)), 1e-6)
+
+
+def _contrast(x: np.ndarray) -> float:
+    """Cells' contrast over the background: 99th minus 20th percentile, never 0."""
+    lo, hi = np.percentile(x, [20, 99])
+    return max(float(hi - lo), 1e-6)
+
+
+# -- blur -----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
+def defocus_psf(z_um: float, pixel_um: float = PIXEL_UM) -> np.ndarray:
+    """The defocused PSF (2-D, sums to 1) of an aberration-free circular pupil.
+
+    PSF(r) ∝ |∫₀¹ J0(k·NA·r·ρ) · exp(i·k·z·(n − √(n² − NA²ρ²))) ρ dρ|², k = 2π/λ, evaluated on a
+    3×3 sub-pixel grid and summed per pixel; the kernel extends 1.5× the geometric blur radius
+    z·tan(asin(NA/n)) plus 3 Airy radii.
+    """
+    from scipy.special import j0
+
+    k = 2 * np.pi / WAVELENGTH_UM
+    na, n = NUMERICAL_APERTURE, REFRACTIVE_INDEX
+    geometric = abs(z_um) * np.tan(np.arcsin(na / n))
+    airy = 0.61 * WAVELENGTH_UM / na
+    half = int(np.ceil((1.5 * geometric + 3 * airy) / pixel_um))
+    sub = 3
+    coords = (np.arange(-half * sub, (half + 1) * sub) - (sub - 1) / 2) / sub * pixel_um
+    rr = np.hypot(coords[:, None], coords[None, :])
+    r_grid = np.linspace(0, rr.max() + pixel_um, 400)
+    rho = (np.arange(256) + 0.5) / 256
+    phase = k * z_um * (n - np.sqrt(n * n - (na * rho) ** 2))
+    pupil = np.exp(1j * phase) * rho / len(rho)
+    amplitude = j0(k * na * r_grid[:, None] * rho[None]) @ pupil
+    profile = np.abs(amplitude) ** 2
+    psf = np.interp(rr, r_grid, profile)
+    size = 2 * half + 1
+    psf = psf[: size * sub, : size * sub].reshape(size, sub, size, sub).sum(axis=(1, 3))
+    psf = psf / psf.sum()
+    psf.flags.writeable = False  # cached: shared by every call with the same z
+    return psf
+
+
+def _convolve(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    from scipy.signal import fftconvolve
+
+    pad = kernel.shape[0] // 2
+    padded = np.pad(x, pad, mode="reflect") if pad < min(x.shape) else np.pad(x, pad, "edge")
+    return fftconvolve(padded, kernel, mode="same")[pad : -pad or None, pad : -pad or None]
+
+
+def _defocus(x: np.ndarray, z_um: float, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(_convolve(x, defocus_psf(z_um)), 0, None)
+
+
+def _gaussian_blur(x: np.ndarray, f: float, rng: np.random.Generator) -> np.ndarray:
+    return ndi.gaussian_filter(x, 0.25 * f, mode="reflect")
+
+
+# -- exposure and noise ---------------------------------------------------------------------------
+def exposure(x: np.ndarray, e: float) -> np.ndarray:
+    """QC.md's exposure formula: x′ = min(1, (max(0, x·P − O)·e + O) / P), P = 65535, O = 100."""
+    p, o = SATURATION_P, SATURATION_O
+    return np.minimum(1.0, (np.maximum(0.0, x * p - o) * e + o) / p)
+
+
+def _saturation(x: np.ndarray, overshoot: float, rng: np.random.Generator) -> np.ndarray:
+    # the exposure that takes the bright level to `overshoot` × the ceiling, whatever the image's
+    # bit depth (a 12-bit image stored in 16 bits needs a larger e than an 8-bit one)
+    level = _bright(x) * SATURATION_P - SATURATION_O
+    e = (overshoot * SATURATION_P - SATURATION_O) / max(level, 1.0)
+    return exposure(x, max(e, 1.0))
+
+
+def _noise(x: np.ndarray, electrons: float, rng: np.random.Generator) -> np.ndarray:
+    bright = _bright(x)
+    gain = electrons / bright  # photo-electrons per intensity unit
+    counts = rng.poisson(np.clip(x, 0, None) * gain).astype(np.float64)
+    counts += rng.normal(0.0, READ_NOISE_E, x.shape)
+    return np.clip(counts / gain, 0, 1)
+
+
+# -- debris ---------------------------------------------------------------------------------------
+def _fibre(shape: tuple[int, int], length: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random curve (a walk whose direction drifts) rasterised as a 1-px line."""
+    h, w = shape
+    mask = np.zeros(shape, bool)
+    pos = rng.uniform([0, 0], [h, w])
+    angle = rng.uniform(0, 2 * np.pi)
+    turn = 0.0
+    for _ in range(int(length)):
+        turn = 0.9 * turn + rng.normal(0, 0.05)
+        angle += turn
+        pos = pos + np.array([np.sin(angle), np.cos(angle)])
+        i, j = int(pos[0]), int(pos[1])
+        if 0 <= i < h and 0 <= j < w:
+            mask[i, j] = True
+    return mask
+
+
+def _blob(shape: tuple[int, int], radius: float, rng: np.random.Generator) -> np.ndarray:
+    """An irregular blob: smooth noise thresholded inside a random disc."""
+    h, w = shape
+    cy, cx = rng.uniform([0, 0], [h, w])
+    yy, xx = np.ogrid[:h, :w]
+    d = np.hypot(yy - cy, xx - cx) / radius
+    texture = ndi.gaussian_filter(rng.standard_normal(shape), max(radius / 4, 1.0))
+    texture /= texture.std() + 1e-12
+    return (1.0 - d + 0.35 * texture) > 0.2
+
+
+def debris_mask(shape: tuple[int, int], count: float, rng: np.random.Generator) -> np.ndarray:
+    """Debris density (H, W) in [0, 1]: ``count`` blobs and fibres, out of focus."""
+    n = int(round(count))
+    scale = min(shape) / 512
+    density = np.zeros(shape)
+    for _ in range(n):
+        if rng.random() < 0.6:
+            radius = rng.uniform(6, 10 + 4 * n) * scale
+            obj = _blob(shape, radius, rng).astype(np.float64)
+        else:
+            obj = ndi.binary_dilation(
+                _fibre(shape, rng.uniform(80, 250) * scale, rng), iterations=1
+            )
+            obj = obj.astype(np.float64)
+        obj = ndi.gaussian_filter(obj, rng.uniform(1.0, 3.0))  # out of focus
+        density = np.maximum(density, obj / max(obj.max(), 1e-12) * rng.uniform(0.6, 1.0))
+    return density
+
+
+def _debris(
+    x: np.ndarray, count: float, rng: np.random.Generator, density: np.ndarray | None = None
+) -> np.ndarray:
+    if density is None:
+        density = debris_mask(x.shape, count, rng)
+    brightness = rng.uniform(4, 12) * _bright(x)
+    return np.clip(x + density * brightness, 0, 1)
+
+
+# -- empty field ----------------------------------------------------------------------------------
+def background_estimate(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """A smooth background surface under the cells and the noise level around it."""
+    from skimage.filters import threshold_otsu
+
+    low = np.percentile(x, 30)
+    small = x[::4, ::4]
+    base = ndi.gaussian_filter(np.minimum(small, low), 8)
+    surface = ndi.zoom(base, (x.shape[0] / small.shape[0], x.shape[1] / small.shape[1]), order=1)
+    surface = surface[: x.shape[0], : x.shape[1]]
+    if surface.shape != x.shape:
+        surface = np.pad(
+            surface,
+            [(0, x.shape[0] - surface.shape[0]), (0, x.shape[1] - surface.shape[1])],
+            "edge",
+        )
+    cut = threshold_otsu(x) if x.max() > x.min() else x.max() + 1
+    resid = (x - surface)[x < min(cut, np.percentile(x, 50))]
+    noise = float(np.std(resid)) if resid.size > 16 else 0.0
+    return surface, noise
+
+
+def _empty(x: np.ndarray, keep: float, rng: np.random.Generator) -> np.ndarray:
+    from skimage.filters import threshold_otsu
+
+    surface, noise = background_estimate(x)
+    smooth = ndi.gaussian_filter(x, 2)
+    cut = threshold_otsu(smooth) if smooth.max() > smooth.min() else np.inf
+    labels, n = ndi.label(ndi.binary_dilation(smooth > cut, iterations=6))
+    kept = np.zeros(n + 1, bool)
+    if n:
+        kept[1:] = rng.random(n) < keep
+    mask = kept[labels]
+    bg = surface + rng.normal(0.0, noise, x.shape)
+    soft = ndi.gaussian_filter(mask.astype(np.float64), 2)
+    return np.clip(soft * x + (1 - soft) * bg, 0, 1)
+
+
+# -- uneven background and vignetting -------------------------------------------------------------
+def bias_field(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A smooth field in [0, 1]: a random polynomial of degree 2–3 in (y, x) through a sigmoid."""
+    h, w = shape
+    yy = np.linspace(-1, 1, h)[:, None]
+    xx = np.linspace(-1, 1, w)[None, :]
+    degree = int(rng.integers(2, 4))
+    poly = np.zeros(shape)
+    for i in range(degree + 1):
+        for j in range(degree + 1 - i):
+            poly = poly + rng.normal() * yy**i * xx**j
+    poly = (poly - poly.mean()) / (poly.std() + 1e-12)
+    return 1 / (1 + np.exp(-2.0 * poly))
+
+
+def _background(x: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.ndarray:
+    bias = bias_field(x.shape, rng)
+    if rng.random() < 0.5:  # additive auto-fluorescence
+        added = amplitude * _contrast(x)
+        # rescaled so that the bright level stays where it was (as the exposure would be set):
+        # the artefact is the uneven background, not saturation
+        return np.clip((x + added * bias) / (1 + added / _bright(x)), 0, 1)
+    # multiplicative uneven background: the dim side keeps 1/(1 + amplitude) of the signal
+    return np.clip(x * (1 + amplitude * bias) / (1 + amplitude), 0, 1)
+
+
+def _vignetting(x: np.ndarray, corner: float, rng: np.random.Generator) -> np.ndarray:
+    h, w = x.shape
+    cy, cx = rng.uniform(0.3, 0.7, 2)
+    yy = np.linspace(0, 1, h)[:, None] - cy
+    xx = np.linspace(0, 1, w)[None, :] - cx
+    r2 = yy**2 + xx**2
+    falloff = 1 - (1 - corner) * r2 / r2.max()  # `corner` left at the farthest corner
+    return np.clip(x * falloff, 0, 1)
+
+
+ARTEFACTS: dict[str, Artefact] = {
+    a.name: a
+    for a in (
+        Artefact(
+            "defocus", "blur", (2, 4, 7, 12, 20), _defocus, "defocused PSF, z µm (λ .5, NA .5)"
+        ),
+        Artefact(
+            "gaussian_blur", "blur", (4, 8, 16, 28, 48), _gaussian_blur, "Gaussian σ = 0.25·F px"
+        ),
+        Artefact(
+            "saturation",
+            "saturation",
+            (1.1, 1.6, 2.5, 5, 12),
+            _saturation,
+            "over-exposure: bright level × ceiling",
+        ),
+        Artefact("noise", "noise", (120, 50, 20, 8, 3), _noise, "shot + read noise, e⁻ at bright"),
+        Artefact("debris", "debris", (1, 2, 3, 5, 8), _debris, "bright blobs and fibres, count"),
+        Artefact("empty", "empty", (0.3, 0.15, 0.06, 0.02, 0.0), _empty, "fraction of cells left"),
+        Artefact(
+            "background",
+            "background",
+            (0.4, 0.8, 1.5, 2.5, 4),
+            _background,
+            "smooth bias field, × cell contrast",
+        ),
+        Artefact(
+            "vignetting",
+            "background",
+            (0.45, 0.35, 0.25, 0.15, 0.08),
+            _vignetting,
+            "illumination left at the far corner",
+        ),
+    )
+}
+
+QC_CLASSES = ("blur", "saturation", "debris", "noise", "empty", "background")
+
+
+def kinds_for_class(qc_class: str) -> list[str]:
+    """Artefact names that produce ``qc_class``."""
+    kinds = [a.name for a in ARTEFACTS.values() if a.qc_class == qc_class]
+    if not kinds:
+        raise ValueError(f"Unknown QC class {qc_class!r}: use one of {', '.join(QC_CLASSES)}.")
+    return kinds
+
+
+def _from_unit(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        top = float(np.iinfo(dtype).max)
+        return np.clip(np.round(x * top), 0, top).astype(dtype)
+    return x.astype(dtype)
+
+
+def apply_artefact(
+    field: Any,
+    kind: str,
+    severity: int = 3,
+    channels: Sequence[int] | int | None = None,
+    seed: int | np.random.SeedSequence = 0,
+) -> np.ndarray:
+    """Apply artefact ``kind`` to some channels of a field.
+
+    Parameters
+    ----------
+    field : array-like
+        (C, H, W) or (H, W), any numeric dtype. Integers are scaled by their dtype's maximum;
+        floats are taken to be in [0, 1] (values above 1 are clipped where an artefact saturates).
+    kind : str
+        A key of :data:`ARTEFACTS`.
+    severity : int
+        1 (mild) … 5 (severe).
+    channels : int or sequence of int, optional
+        Channels to spoil (default: all).
+    seed : int or SeedSequence
+        Same seed, same artefact.
+
+    Returns
+    -------
+    np.ndarray
+        Same shape and dtype as ``field``; the input is not modified.
+    """
+    if kind not in ARTEFACTS:
+        raise ValueError(f"Unknown artefact {kind!r}: use one of {', '.join(ARTEFACTS)}.")
+    if int(severity) not in SEVERITIES:
+        raise ValueError(f"severity must be one of {SEVERITIES}, got {severity}.")
+    arr = np.asarray(field)
+    squeeze = arr.ndim == 2
+    stack = arr[None] if squeeze else arr
+    if stack.ndim != 3:
+        raise ValueError(f"Expected a field (C, H, W) or an image (H, W), got shape {arr.shape}.")
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"Expected a numeric image, got dtype {arr.dtype}.")
+    n = stack.shape[0]
+    if channels is None:
+        chosen = list(range(n))
+    else:
+        chosen = [int(channels)] if np.isscalar(channels) else [int(c) for c in channels]
+    bad = [c for c in chosen if not 0 <= c < n]
+    if bad:
+        raise ValueError(f"channels {bad} are not in this field's 0..{n - 1}.")
+    recipe = ARTEFACTS[kind]
+    level = recipe.levels[int(severity) - 1]
+    root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(int(seed))
+
+    def stream(k: int) -> np.random.Generator:  # child k of root, without mutating root
+        return np.random.default_rng(
+            np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, k))
+        )
+
+    density = debris_mask(stack.shape[1:], level, stream(0)) if kind == "debris" else None
+    out = stack.copy()
+    for c in chosen:
+        rng = stream(c + 1)
+        x = stack[c].astype(np.float64)
+        if np.issubdtype(arr.dtype, np.integer):
+            x /= float(np.iinfo(arr.dtype).max)
+        if kind == "debris":
+            y = _debris(x, level, rng, density)
+        else:
+            y = recipe.func(x, level, rng)
+        out[c] = _from_unit(y, arr.dtype)
+    return out[0] if squeeze else out

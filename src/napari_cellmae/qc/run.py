@@ -1,0 +1,507 @@
+"""QC of a whole plate folder: measure, judge, report, and mirror the passing images.
+
+:func:`run_qc` is the ``cellmae qc`` pipeline as a progress generator; the QC tab calls its steps
+separately so that the threshold, relabelling and retraining work on the measured plate without
+reading it again:
+
+1. :func:`measure_plate` reads every field (read-ahead threads), measures the classic metrics of
+   every channel and, when the head uses them, embeds every channel with the frozen encoder. A
+   field that cannot be read is recorded (which file, why) and the run goes on.
+2. :func:`judge` adds the z-score baseline and the head's probabilities, flags and reasons per
+   image and per field (field verdict = its worst channel).
+3. :func:`write_report` writes the tables (parquet + CSV), the passing lists and the run record.
+4. :func:`mirror_passing` links or copies the passing fields' files into a folder with the same
+   relative paths, for downstream tools.
+
+The plate folder is only read: nothing in it is written, moved or deleted, and output or mirror
+folders inside it are refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..progress import Progress
+from .baseline import DEFAULT_Z, baseline_flags
+from .head import (
+    ARTEFACT_CLASSES,
+    CLASSES,
+    FeatureSpec,
+    QCHead,
+    embed_images,
+    metric_features,
+    with_relative,
+)
+from .metrics import measure, metric_names
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+LINK_MODES = ("hard", "symlink", "copy")
+DEFAULT_THRESHOLD = 0.5
+MIRROR_MARKER = ".cellmae-mirror.json"
+UNREADABLE = "unreadable"
+
+
+@dataclass
+class QCResult:
+    """A measured plate. ``images``: one row per image file (Metadata_*, ``channel_name``,
+    ``path``, ``QC_Error``, ``QC_<metric>``); ``fields``: one row per field (from
+    ``list_fields``, plus ``QC_Error``); ``features``: (n_images, F) head features aligned with
+    ``images`` (NaN rows where unreadable), or None when no head is in use."""
+
+    index: pd.DataFrame
+    images: pd.DataFrame
+    fields: pd.DataFrame
+    features: np.ndarray | None
+    head: QCHead | None
+    notice: str
+    model: dict[str, str] | None
+    seconds: float
+    scale: int = 20
+
+    @property
+    def method(self) -> str:
+        """ "head" when the head judges, "classic" when only the z-score rules do."""
+        return "head" if self.head is not None else "classic"
+
+
+def head_status(head: QCHead | None, model: Any) -> tuple[QCHead | None, str]:
+    """The head to use with ``model`` (None = classic metrics only) and a notice saying why."""
+    if head is None:
+        return None, "No QC head: only the classic metrics (z-score rules) are in use."
+    if head.matches(model):
+        return head, ""
+    enc = head.encoder or {}
+    if model is None:
+        return None, (
+            f"The QC head needs the encoder {enc.get('name')} and no model is loaded: only the "
+            "classic metrics (z-score rules) are in use."
+        )
+    return None, (
+        f"The QC head was trained on encoder {enc.get('name')} ({enc.get('checksum', '')[:12]}), "
+        f"not on {model.name} ({str(model.checksum)[:12]}): only the classic metrics (z-score "
+        "rules) are in use. Train a head for this model from your plate ('Train head from "
+        "plate', or cellmae qc --train-from-plate)."
+    )
+
+
+def _inside(child: str | os.PathLike, parent: str | os.PathLike) -> bool:
+    c, p = Path(child).resolve(), Path(parent).resolve()
+    return c == p or p in c.parents
+
+
+def _check_outside(folder: str | os.PathLike, root: str, what: str) -> None:
+    if _inside(folder, root):
+        raise ValueError(
+            f"The {what} {folder} is inside the plate folder {root}: the plate folder is never "
+            f"written to. Choose a {what} outside it."
+        )
+
+
+def measure_plate(
+    plate: str | os.PathLike | pd.DataFrame,
+    model: Any = None,
+    head: QCHead | None = None,
+    *,
+    layout: str = "auto",
+    batch_size: int | None = None,
+    prefetch: int = 2,
+    scale: int = 20,
+) -> Generator[Progress, None, QCResult]:
+    """Measure every field of a plate (progress generator; returns a :class:`QCResult`)."""
+    import pandas as pd
+
+    from ..plates import iter_fields, list_fields, read_image, scan_plate
+    from ..plates.scan import field_keys
+
+    t0 = time.monotonic()
+    if isinstance(plate, (str, os.PathLike)):
+        yield Progress(0, None, f"scanning {plate}")
+        index = scan_plate(plate, layout)
+    else:
+        index = plate
+    used, notice = head_status(head, model)
+    spec: FeatureSpec | None = used.spec if used is not None else None
+    if spec is not None:
+        scale = spec.scale
+    keys = field_keys(index)
+    channels = list(index.attrs.get("channels") or sorted(index["Metadata_Channel"].unique()))
+    names = index.attrs.get("channel_names") or {}
+    files = {
+        (k if isinstance(k, tuple) else (k,)): dict(zip(g["Metadata_Channel"], g["path"]))
+        for k, g in index.groupby(keys, sort=False)
+    }
+    fields = list_fields(index)
+    rows: list[dict[str, Any]] = []
+    feats: list[np.ndarray] = []
+    errors: list[str] = []
+    total = len(fields)
+    nan_row = np.full(spec.n_absolute, np.nan) if spec is not None else None
+    for i, (meta, image, error) in enumerate(iter_fields(index, prefetch=prefetch)):
+        key = tuple(meta[k] for k in keys)
+        paths = files.get(key, {})
+        if error is not None:
+            errors.append(str(error))
+            for ch in channels:  # find which file is bad; the others are still measured
+                bad = "" if ch in paths else f"no file for channel {ch}"
+                planes = None
+                if not bad:
+                    try:
+                        planes = read_image(paths[ch])
+                    except ValueError as exc:
+                        bad = str(exc)
+                row = {**meta, "Metadata_Channel": ch, "channel_name": names.get(ch, ch)}
+                row["path"] = paths.get(ch, "")
+                row["QC_Error"] = bad or f"field unreadable: {error}"
+                if planes is not None:
+                    row.update({f"QC_{k}": v[0] for k, v in measure(planes[:1], (scale,)).items()})
+                rows.append(row)
+                if nan_row is not None:
+                    feats.append(nan_row)
+        else:
+            values = measure(image, (scale,))
+            for c, ch in enumerate(channels):
+                row = {**meta, "Metadata_Channel": ch, "channel_name": names.get(ch, ch)}
+                row["path"] = paths.get(ch, "")
+                row["QC_Error"] = ""
+                row.update({f"QC_{k}": float(v[c]) for k, v in values.items()})
+                rows.append(row)
+            if spec is not None:
+                part = pd.DataFrame(rows[-len(channels) :])
+                x = metric_features(part, spec)
+                if spec.uses_encoder:
+                    emb = embed_images(model, list(image), spec.block, batch_size)
+                    x = np.concatenate([x, emb], axis=1)
+                feats.extend(x)
+        where = f"{meta.get('Metadata_Well')} site {meta.get('Metadata_Site')}"
+        yield Progress(i + 1, total, f"QC {where}" + (" (unreadable)" if error else ""))
+    images = pd.DataFrame(rows)
+    features = None
+    if spec is not None:  # plate-relative half: against each plate/channel's readable images
+        groups = list(zip(images["Metadata_Plate"], images["Metadata_Channel"]))
+        readable = (images["QC_Error"] == "").to_numpy()
+        features = with_relative(np.asarray(feats, np.float64), spec, groups, readable)
+    for name in metric_names((scale,)):
+        if f"QC_{name}" not in images:
+            images[f"QC_{name}"] = np.nan
+    err_by_field: dict[tuple, str] = {}
+    for row in rows:
+        if row["QC_Error"]:
+            err_by_field.setdefault(tuple(row[k] for k in keys), row["QC_Error"])
+    fields = fields.copy()
+    fields["QC_Error"] = [
+        err_by_field.get(tuple(r[k] for k in keys), "") for r in fields.to_dict("records")
+    ]
+    return QCResult(
+        index=index,
+        images=images,
+        fields=fields,
+        features=features,
+        head=used,
+        notice=notice,
+        model={"name": str(model.name), "checksum": str(model.checksum)} if model else None,
+        seconds=time.monotonic() - t0,
+        scale=scale,
+    )
+
+
+def judge(
+    result: QCResult,
+    threshold: float = DEFAULT_THRESHOLD,
+    z_threshold: float = DEFAULT_Z,
+    head: QCHead | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Verdicts: (images, fields) tables with baseline, probabilities, flags and reasons.
+
+    Per image: ``QC_Baseline_*`` (z-score rules), ``QC_P_<class>`` (head), ``QC_Score`` (head:
+    1 − P(ok); classic: the largest rule z), ``QC_Flag``, ``QC_Class``, ``QC_Reason``. Per field
+    the worst channel decides: ``QC_Score``, ``QC_Flag``, ``QC_Class``, ``QC_Channel``,
+    ``QC_Reason``, ``QC_Pass``, and ``QC_<metric>_<channel>`` columns. ``head`` overrides the
+    result's head (a retrained one with the same feature spec).
+    """
+    head = head if head is not None else result.head
+    images = result.images.copy()
+    ok = (images["QC_Error"] == "").to_numpy()
+    base = baseline_flags(images[ok], z_threshold, scale=result.scale)
+    for col in base.columns:
+        images[col] = base[col].reindex(images.index)
+    images["QC_Baseline_Flag"] = images["QC_Baseline_Flag"].fillna(False).astype(bool)
+    for col in ("QC_Baseline_Class", "QC_Baseline_Reason"):
+        images[col] = images[col].fillna("")
+    if head is not None and result.features is not None:
+        p = np.full((len(images), len(CLASSES)), np.nan)
+        if ok.any():
+            p[ok] = head.predict_proba(result.features[ok])
+        for k, cls in enumerate(CLASSES):
+            images[f"QC_P_{cls}"] = p[:, k]
+        score = 1.0 - p[:, 0]
+        flag = score > threshold
+        art = np.nan_to_num(p[:, 1:], nan=-1.0).argmax(axis=1)
+        cls_col = np.where(flag, np.asarray(ARTEFACT_CLASSES)[art], "ok")
+        best_p = np.nan_to_num(p[np.arange(len(p)), art + 1])
+        detail = [f"p={q:.2f}" if f else "" for q, f in zip(best_p, flag)]
+        method = "head"
+    else:
+        score = images["QC_Baseline_Score"].to_numpy(dtype=np.float64)
+        flag = images["QC_Baseline_Flag"].to_numpy(bool)
+        cls_col = images["QC_Baseline_Class"].to_numpy(dtype=object)
+        detail = [r.split(": ", 1)[-1] for r in images["QC_Baseline_Reason"]]
+        method = "classic"
+    reason = [f"{c}: {d}" if d else "" for c, d in zip(cls_col, detail)]
+    images["QC_Score"] = np.where(ok, np.nan_to_num(score), np.inf)
+    images["QC_Flag"] = np.where(ok, flag, True)
+    images["QC_Class"] = np.where(ok, cls_col, UNREADABLE)
+    images["QC_Reason"] = np.where(ok, reason, images["QC_Error"])
+    images["QC_Method"] = method
+    return images, field_verdicts(result, images, method, threshold, z_threshold)
+
+
+def field_verdicts(
+    result: QCResult, images: pd.DataFrame, method: str, threshold: float, z_threshold: float
+) -> pd.DataFrame:
+    """One row per field: the worst channel's verdict plus wide per-channel metrics."""
+    from ..plates.scan import field_keys
+
+    keys = field_keys(result.index)
+    fields = result.fields.copy()
+    worst = images.sort_values("QC_Score", ascending=False, kind="stable")
+    worst = worst.drop_duplicates(keys).set_index(keys)
+    flagged = images[images["QC_Flag"]]
+    reasons: dict[tuple, list[str]] = {}
+    for row in flagged.sort_values("QC_Score", ascending=False, kind="stable").itertuples():
+        k = tuple(getattr(row, c) for c in keys)
+        if row.QC_Class == UNREADABLE:
+            text = f"{UNREADABLE}: {row.QC_Reason}"
+        else:  # "blur: p=0.93" -> "blur in DNA: p=0.93"
+            cls, _, detail = str(row.QC_Reason).partition(": ")
+            text = f"{cls or row.QC_Class} in {row.channel_name}" + (
+                f": {detail}" if detail else ""
+            )
+        reasons.setdefault(k, []).append(text)
+    idx = [tuple(r) for r in fields[keys].itertuples(index=False)]
+    w = worst.reindex(idx)
+    fields["QC_Score"] = w["QC_Score"].to_numpy()
+    fields["QC_Flag"] = [k in reasons for k in idx]
+    fields["QC_Class"] = np.where(fields["QC_Flag"], w["QC_Class"].to_numpy(), "ok")
+    fields["QC_Channel"] = np.where(fields["QC_Flag"], w["channel_name"].to_numpy(), "")
+    fields["QC_Reason"] = ["; ".join(reasons.get(k, [])) for k in idx]
+    fields["QC_Method"] = method
+    fields["QC_Threshold"] = threshold if method == "head" else z_threshold
+    fields["QC_Pass"] = ~fields["QC_Flag"].astype(bool)
+    metrics = [c for c in result.images.columns if c.startswith("QC_") and c != "QC_Error"]
+    wide = images.pivot_table(index=keys, columns="channel_name", values=metrics, aggfunc="first")
+    wide.columns = [f"{m}_{ch}" for m, ch in wide.columns]
+    return fields.join(wide, on=keys)
+
+
+def summarize(fields: pd.DataFrame) -> pd.DataFrame:
+    """Per plate: fields, passing, flagged, unreadable and counts per class."""
+    import pandas as pd
+
+    rows = []
+    for plate, g in fields.groupby("Metadata_Plate", sort=False):
+        row = {
+            "Metadata_Plate": plate,
+            "n_fields": len(g),
+            "n_passing": int(g["QC_Pass"].sum()),
+            "n_flagged": int(g["QC_Flag"].sum()),
+            "n_unreadable": int((g["QC_Class"] == UNREADABLE).sum()),
+        }
+        for cls in ARTEFACT_CLASSES:
+            row[f"n_{cls}"] = int((g["QC_Flag"] & (g["QC_Class"] == cls)).sum())
+        row["method"] = g["QC_Method"].iloc[0]
+        row["threshold"] = float(g["QC_Threshold"].iloc[0])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_report(
+    result: QCResult,
+    out: str | os.PathLike,
+    images: pd.DataFrame,
+    fields: pd.DataFrame,
+    **record: Any,
+) -> dict[str, Path]:
+    """Write the QC tables (parquet + CSV twins), passing lists, channels.json and run.json."""
+    from ..plates.channels import save_channel_map
+    from ..store import run_record, write_json_atomic, write_table_atomic
+
+    root = result.index.attrs.get("root", "")
+    if root:
+        _check_outside(out, root, "output folder")
+    out = Path(out)
+    paths = {
+        "images": write_table_atomic(images, out / "qc_images.parquet", csv_twin=True),
+        "fields": write_table_atomic(fields, out / "qc_fields.parquet", csv_twin=True),
+        "summary": write_table_atomic(summarize(fields), out / "qc_summary.parquet", csv_twin=True),
+    }
+    meta = [c for c in fields.columns if c.startswith("Metadata_")]
+    passing = fields[fields["QC_Pass"]]
+    paths["passing_fields"] = out / "passing_fields.csv"
+    write_table_atomic(passing[meta], out / "passing_fields.parquet", csv_twin=True)
+    keys = [c for c in meta if c in images.columns and c != "Metadata_Channel"]
+    ok_keys = {tuple(r) for r in passing[keys].itertuples(index=False)}
+    mask = [tuple(r) in ok_keys for r in images[keys].itertuples(index=False)]
+    pass_images = images.loc[mask, [*meta, "Metadata_Channel", "channel_name", "path"]]
+    paths["passing_images"] = write_table_atomic(
+        pass_images, out / "passing_images.parquet", csv_twin=True
+    )
+    channels = result.index.attrs.get("channels") or []
+    save_channel_map(out, result.index.attrs.get("channel_names") or {}, channels)
+    head = result.head
+    rec = run_record(
+        command="qc",
+        plate=root,
+        layout=result.index.attrs.get("layout"),
+        method=result.method,
+        notice=result.notice,
+        model=result.model,
+        head=None
+        if head is None
+        else {"path": head.path, "encoder": head.encoder, "classes": list(head.classes)},
+        n_fields=len(fields),
+        n_passing=int(fields["QC_Pass"].sum()),
+        seconds=round(result.seconds, 2),
+        **record,
+    )
+    paths["record"] = write_json_atomic(out / "run.json", rec)
+    return paths
+
+
+def _clear_old_mirror(mirror: Path) -> None:
+    import json
+
+    marker = mirror / MIRROR_MARKER
+    if not mirror.exists() or not any(mirror.iterdir()):
+        return
+    if not marker.is_file():
+        raise ValueError(
+            f"The mirror folder {mirror} exists and is not empty: choose a new or empty folder "
+            "(a folder made by an earlier QC mirror is refreshed)."
+        )
+    listed = json.loads(marker.read_text()).get("files", [])
+    for rel in listed:  # only what an earlier mirror made: links or copies, never originals
+        target = mirror / rel
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+    for folder in sorted((p for p in mirror.rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _place(src: Path, dst: Path, mode: str) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "symlink":
+        os.symlink(src.resolve(), dst)
+    elif mode == "hard":
+        try:
+            os.link(src, dst)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise ValueError(
+                    f"Cannot hard-link {src} into {dst.parent} ({exc.strerror}): hard links need "
+                    "the same file system. Use link mode 'symlink' or 'copy', or a mirror folder "
+                    "on the plate's disk."
+                ) from None
+            raise
+    else:
+        from ..store import atomic_path
+
+        with atomic_path(dst) as tmp:
+            shutil.copy2(src, tmp)
+
+
+def mirror_passing(
+    index: pd.DataFrame,
+    fields: pd.DataFrame,
+    mirror: str | os.PathLike,
+    mode: str = "hard",
+) -> Generator[Progress, None, dict[str, Any]]:
+    """Link (``hard`` / ``symlink``) or ``copy`` the passing fields' files into ``mirror`` with
+    their relative paths (plus a Harmony index file, for channel names). Progress generator;
+    returns ``{"folder", "mode", "files"}``."""
+    from ..plates.channels import HARMONY_INDEX_FILES
+    from ..plates.scan import field_keys
+    from ..store import write_json_atomic
+
+    if mode not in LINK_MODES:
+        raise ValueError(f"Unknown link mode {mode!r}: use one of {', '.join(LINK_MODES)}.")
+    root = Path(index.attrs["root"])
+    mirror = Path(mirror)
+    _check_outside(mirror, root, "mirror folder")
+    keys = field_keys(index)
+    passing = {tuple(r) for r in fields.loc[fields["QC_Pass"], keys].itertuples(index=False)}
+    chosen = [
+        Path(p) for p, *k in index[["path", *keys]].itertuples(index=False) if tuple(k) in passing
+    ]
+    extras = [root / n for n in HARMONY_INDEX_FILES if (root / n).is_file()]
+    todo = [*chosen, *extras]
+    _clear_old_mirror(mirror)
+    mirror.mkdir(parents=True, exist_ok=True)
+    rels = [p.relative_to(root).as_posix() for p in todo]
+    marker = {"plate": str(root), "mode": mode, "files": rels, "complete": False}
+    write_json_atomic(mirror / MIRROR_MARKER, marker)
+    for i, (src, rel) in enumerate(zip(todo, rels)):
+        _place(src, mirror / rel, mode)
+        if i % 16 == 0 or i == len(todo) - 1:
+            yield Progress(i + 1, len(todo), f"mirroring passing images ({mode})")
+    write_json_atomic(mirror / MIRROR_MARKER, {**marker, "complete": True})
+    return {"folder": str(mirror), "mode": mode, "files": len(chosen)}
+
+
+def run_qc(
+    plate: str | os.PathLike | pd.DataFrame,
+    out: str | os.PathLike,
+    model: Any = None,
+    head: QCHead | None = None,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    z_threshold: float = DEFAULT_Z,
+    link_passing: str | os.PathLike | None = None,
+    link_mode: str = "hard",
+    layout: str = "auto",
+    batch_size: int | None = None,
+) -> Generator[Progress, None, dict[str, Any]]:
+    """The whole plate QC (``cellmae qc``) as a progress generator; returns a summary dict with
+    the output paths, the method used, the notice and the per-plate summary table."""
+    if link_mode not in LINK_MODES:
+        raise ValueError(f"Unknown link mode {link_mode!r}: use one of {', '.join(LINK_MODES)}.")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold is a probability in [0, 1], got {threshold}.")
+    if isinstance(plate, (str, os.PathLike)):
+        _check_outside(out, plate, "output folder")
+        if link_passing is not None:
+            _check_outside(link_passing, plate, "mirror folder")
+    result = yield from measure_plate(plate, model, head, layout=layout, batch_size=batch_size)
+    images, fields = judge(result, threshold, z_threshold)
+    yield Progress(len(fields), len(fields), "writing the report")
+    paths = write_report(
+        result,
+        out,
+        images,
+        fields,
+        threshold=threshold,
+        z_threshold=z_threshold,
+        mirror=None if link_passing is None else {"folder": str(link_passing), "mode": link_mode},
+    )
+    mirrored = None
+    if link_passing is not None:
+        mirrored = yield from mirror_passing(result.index, fields, link_passing, link_mode)
+    return {
+        "paths": paths,
+        "method": result.method,
+        "notice": result.notice,
+        "summary": summarize(fields),
+        "mirror": mirrored,
+        "fields": fields,
+    }

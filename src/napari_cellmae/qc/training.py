@@ -1,0 +1,344 @@
+"""Training QC heads: from synthetic artefacts on fields (a plate's, or any images), or from labels.
+
+- :func:`artefact_variants`: every image once as it is ("ok") and once per artefact recipe at a
+  random severity (seeded) — the training set of the default head and of a head trained on the
+  fly for another encoder.
+- :func:`train_head_from_images` / :func:`train_head_from_plate`: progress generators that
+  measure and embed those variants and fit a head (minutes on a CPU for OpenPhenom).
+- :func:`train_qc_head`: (re)train from a small labelled set — a CSV of image -> class, or
+  labels clicked in napari with the features the QC run already computed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from ..progress import Progress
+from .artefacts import ARTEFACTS, SEVERITIES, apply_artefact
+from .head import (
+    CLASSES,
+    DEFAULT_C,
+    LABEL_WEIGHT,
+    FeatureSpec,
+    QCHead,
+    embed_images,
+    encoder_info,
+    fit_head,
+    metric_features,
+    retrain,
+    spec_for,
+    with_relative,
+)
+from .metrics import measure
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+TRAIN_SEVERITIES = (2, 3, 4, 5)  # level 1 is often invisible: it would teach the head noise
+
+
+class Variant(NamedTuple):
+    image: np.ndarray  # (H, W), the source's dtype
+    qc_class: str
+    kind: str  # artefact name, or "none"
+    severity: int  # 0 for "ok"
+    source: int  # index of the source image
+
+
+def artefact_variants(
+    images: Sequence[np.ndarray],
+    seed: int = 0,
+    severities: Sequence[int] = TRAIN_SEVERITIES,
+    kinds: Sequence[str] | None = None,
+) -> Iterator[Variant]:
+    """Each (H, W) image as it is, then with each artefact in ``kinds`` (default: all) at a
+    severity drawn from ``severities``; deterministic for a seed."""
+    kinds = list(kinds or ARTEFACTS)
+    bad = [s for s in severities if s not in SEVERITIES]
+    if bad:
+        raise ValueError(f"severities {bad} are not in {SEVERITIES}.")
+    rng = np.random.default_rng(seed)
+    for i, image in enumerate(images):
+        image = np.asarray(image)
+        yield Variant(image, "ok", "none", 0, i)
+        for kind in kinds:
+            severity = int(rng.choice(list(severities)))
+            spoilt = apply_artefact(image, kind, severity, seed=int(rng.integers(2**31)))
+            yield Variant(spoilt, ARTEFACTS[kind].qc_class, kind, severity, i)
+
+
+def absolute_features(
+    images: Sequence[np.ndarray],
+    spec: FeatureSpec,
+    model: Any = None,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """(N, spec.n_absolute) of (H, W) images: the metric transforms, then the embedding."""
+    import pandas as pd
+
+    rows = [
+        {f"QC_{k}": float(v[0]) for k, v in measure(im, (spec.scale,)).items()} for im in images
+    ]
+    x = metric_features(pd.DataFrame(rows), spec)
+    if spec.uses_encoder:
+        if model is None:
+            raise ValueError("This feature spec uses encoder embeddings: pass the model.")
+        x = np.concatenate([x, embed_images(model, images, spec.block, batch_size)], axis=1)
+    return x
+
+
+def image_features(
+    images: Sequence[np.ndarray],
+    spec: FeatureSpec,
+    model: Any = None,
+    batch_size: int | None = None,
+    groups: Sequence[Any] | None = None,
+    reference: np.ndarray | None = None,
+) -> np.ndarray:
+    """Head features (N, spec.n_features) of (H, W) images.
+
+    The plate-relative half is taken against the median of the ``reference`` rows (bool mask;
+    default: all) of each group of ``groups`` (plate/channel labels; default: one group), so pass
+    a few clean fields of the same plate with the images to judge.
+    """
+    x = absolute_features(images, spec, model, batch_size)
+    return with_relative(x, spec, groups, reference)
+
+
+def train_head_from_images(
+    images: Sequence[np.ndarray],
+    model: Any = None,
+    *,
+    groups: Sequence[Any] | None = None,
+    seed: int = 0,
+    severities: Sequence[int] = TRAIN_SEVERITIES,
+    block: int | None = None,
+    scale: int = 20,
+    C: float = DEFAULT_C,
+    batch_size: int | None = None,
+    chunk: int = 9,
+    training: dict[str, Any] | None = None,
+):
+    """Progress generator: artefact variants of ``images`` -> features -> a new head.
+
+    ``groups`` gives each image's plate/channel (default: one group): the plate-relative
+    features of a variant are taken against the median of its group's clean originals.
+    ``model`` None trains a metrics-only head. Returns ``(head, features, labels)``.
+    """
+    spec = spec_for(model, block=block, scale=scale)
+    variants = list(artefact_variants(images, seed=seed, severities=severities))
+    total = len(variants)
+    parts, labels = [], []
+    for start in range(0, total, chunk):
+        batch = variants[start : start + chunk]
+        yield Progress(start, total, f"measuring and embedding artefact {start + 1}/{total}")
+        parts.append(absolute_features([v.image for v in batch], spec, model, batch_size))
+        labels += [v.qc_class for v in batch]
+    yield Progress(total, total, "fitting the head")
+    x = np.concatenate(parts) if parts else np.zeros((0, spec.n_absolute))
+    source_group = list(groups) if groups is not None else [0] * len(images)
+    if len(source_group) != len(images):
+        raise ValueError(f"{len(source_group)} groups for {len(images)} images.")
+    x = with_relative(
+        x,
+        spec,
+        [source_group[v.source] for v in variants],
+        np.array([v.kind == "none" for v in variants]),
+    )
+    kinds: dict[str, int] = {}
+    for v in variants:
+        kinds[v.kind] = kinds.get(v.kind, 0) + 1
+    summary = {
+        "severities": list(severities),
+        "variants": kinds,
+        "n_source_images": len(images),
+        **(training or {}),
+    }
+    encoder = encoder_info(model) if model is not None else None
+    head = fit_head(x, labels, spec, encoder, C=C, seed=seed, training=summary)
+    return head, x, labels
+
+
+def sample_plate_images(
+    index: pd.DataFrame, n_fields: int = 12, seed: int = 0
+) -> Iterator[tuple[dict, np.ndarray | None, str]]:
+    """Read up to ``n_fields`` random readable fields; yields (metadata, field, error)."""
+    from ..plates import iter_fields, list_fields
+
+    fields = list_fields(index)
+    fields = fields[fields["complete"]] if "complete" in fields else fields
+    if fields.empty:
+        raise ValueError(
+            f"The plate {index.attrs.get('root')} has no complete field to learn from."
+        )
+    pick = np.sort(np.random.default_rng(seed).permutation(len(fields))[: int(n_fields)])
+    for meta, image, error in iter_fields(index, fields=fields.iloc[pick], prefetch=2):
+        yield meta, image, "" if error is None else str(error)
+
+
+def train_head_from_plate(
+    plate: str | os.PathLike | pd.DataFrame,
+    model: Any,
+    *,
+    n_fields: int = 12,
+    layout: str = "auto",
+    seed: int = 0,
+    severities: Sequence[int] = TRAIN_SEVERITIES,
+    block: int | None = None,
+    C: float = DEFAULT_C,
+    batch_size: int | None = None,
+):
+    """Progress generator: a head for ``model``'s encoder from synthetic artefacts applied to
+    the user's own plate (every channel of ``n_fields`` random fields). Returns the head.
+
+    Use it when the head at hand was trained on another encoder (its checksum differs).
+    """
+    from ..plates import scan_plate
+
+    index = plate if not isinstance(plate, (str, os.PathLike)) else scan_plate(plate, layout)
+    images, groups, skipped = [], [], 0
+    yield Progress(0, None, f"reading {n_fields} fields of the plate")
+    for meta, field, error in sample_plate_images(index, n_fields, seed):
+        if error:
+            skipped += 1
+            continue
+        images += list(field)
+        groups += [(meta.get("Metadata_Plate"), c) for c in range(len(field))]
+    if not images:
+        raise ValueError(f"No readable field in {index.attrs.get('root')}: nothing to learn from.")
+    summary = {
+        "sources": [f"plate {index.attrs.get('root')}"],
+        "n_fields": int(n_fields) - skipped,
+        "how": "synthetic artefacts applied to the user's plate (train_head_from_plate)",
+    }
+    head, _, _ = yield from train_head_from_images(
+        images,
+        model,
+        groups=groups,
+        seed=seed,
+        severities=severities,
+        block=block,
+        C=C,
+        batch_size=batch_size,
+        training=summary,
+    )
+    return head
+
+
+def read_labels(labels: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
+    """A labels table: columns ``path`` and ``class`` (or ``label``), optional ``channel`` (plane
+    index of a multi-page file) and ``plate`` (images of one plate and channel are compared with
+    each other: label a few clean ones ``ok``). Relative paths are taken from the CSV's folder."""
+    import pandas as pd
+
+    if isinstance(labels, pd.DataFrame):
+        df, base = labels.copy(), Path.cwd()
+    else:
+        path = Path(labels)
+        if not path.is_file():
+            raise FileNotFoundError(f"labels CSV {path} not found: pass a CSV with path,class.")
+        df, base = pd.read_csv(path), path.parent
+    if "class" not in df.columns and "label" in df.columns:
+        df = df.rename(columns={"label": "class"})
+    missing = {"path", "class"} - set(df.columns)
+    if missing:
+        raise ValueError(
+            f"The labels table needs columns path and class (image file -> one of "
+            f"{', '.join(CLASSES)}); missing {sorted(missing)}."
+        )
+    df["class"] = df["class"].astype(str).str.strip().str.lower()
+    unknown = sorted(set(df["class"]) - set(CLASSES))
+    if unknown:
+        raise ValueError(f"Unknown classes {unknown} in the labels: use {', '.join(CLASSES)}.")
+    df["path"] = [str(p if Path(p).is_absolute() else base / p) for p in df["path"].astype(str)]
+    return df
+
+
+def _label_images(df: pd.DataFrame) -> tuple[list[np.ndarray], list[str], list[Any]]:
+    from ..plates import read_image
+
+    images, classes, groups = [], [], []
+    for row in df.itertuples(index=False):
+        planes = read_image(row.path)  # CorruptFileError (a ValueError) names the file
+        channel = getattr(row, "channel", None)
+        if channel is not None and not (isinstance(channel, float) and np.isnan(channel)):
+            if not 0 <= int(channel) < len(planes):
+                raise ValueError(
+                    f"{row.path} has {len(planes)} planes: channel {channel} is absent."
+                )
+            planes = planes[int(channel) : int(channel) + 1]
+        for c, plane in enumerate(planes):
+            images.append(plane)
+            classes.append(row[list(df.columns).index("class")])
+            groups.append((getattr(row, "plate", ""), getattr(row, "channel", c)))
+    return images, classes, groups
+
+
+def train_qc_head(
+    labels: str | os.PathLike | pd.DataFrame | Sequence[str],
+    model: Any = None,
+    *,
+    base: QCHead | str | os.PathLike | None = None,
+    features: np.ndarray | None = None,
+    label_weight: float = LABEL_WEIGHT,
+    C: float = DEFAULT_C,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> QCHead:
+    """Train (or retrain) a QC head from a small labelled set; seconds on a CPU.
+
+    Parameters
+    ----------
+    labels : path, DataFrame or list of str
+        A CSV / table of image ``path`` -> ``class`` (optional ``channel``: plane of a multi-page
+        file), or, with ``features``, one class name per feature row (labels clicked in napari).
+    model : CellMAEModel or str, optional
+        The frozen encoder (a loaded model or a source for :func:`napari_cellmae.load_model`).
+        Needed when the head uses embeddings; None with no ``base`` trains a metrics-only head.
+    base : QCHead or path, optional
+        Start from this head: keep its feature spec and training memory and add the new labels
+        (weighted ``label_weight``), so classes not labelled now are still known.
+    features : ndarray, optional
+        (N, F) features of the labelled images, as computed by the QC run (skips reading).
+
+    Returns
+    -------
+    QCHead
+        Save it with ``head.save("my_head.npz")``.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        from .. import load_model
+
+        model = load_model(model, encoder_only=True)
+    if isinstance(base, (str, os.PathLike)):
+        base = QCHead.load(base)
+    if base is not None and base.spec.uses_encoder and features is None and not base.matches(model):
+        raise ValueError(
+            f"The base head was trained on encoder {(base.encoder or {}).get('name')} "
+            f"({(base.encoder or {}).get('checksum', '')[:12]}); pass that model, or train a head "
+            "for this model first (train_head_from_plate / 'cellmae qc --train-from-plate')."
+        )
+    spec = base.spec if base is not None else spec_for(model)
+    if features is None:
+        df = read_labels(labels)
+        images, classes, groups = _label_images(df)
+        # plate-relative features against the images labelled ok in the same plate/channel
+        x = image_features(
+            images, spec, model, batch_size, groups, np.array([c == "ok" for c in classes])
+        )
+    else:
+        classes = [str(c) for c in labels]
+        x = np.asarray(features, np.float64)
+        if len(x) != len(classes):
+            raise ValueError(f"{len(x)} feature rows for {len(classes)} labels.")
+    if not classes:
+        raise ValueError("No labels given: label at least one image.")
+    if base is not None:
+        return retrain(base, x, classes, label_weight=label_weight, C=C, seed=seed)
+    encoder = encoder_info(model) if spec.uses_encoder else None
+    return fit_head(x, classes, spec, encoder, C=C, seed=seed, training={"how": "labels"})

@@ -1,0 +1,109 @@
+"""Synthetic artefacts: shapes, dtypes, seeds, channel choice, recipes and severity order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_cellmae.qc import metrics
+from napari_cellmae.qc.artefacts import (
+    ARTEFACTS,
+    SEVERITIES,
+    apply_artefact,
+    defocus_psf,
+    exposure,
+    kinds_for_class,
+)
+from napari_cellmae.synthetic import make_field
+
+
+@pytest.fixture(scope="module")
+def field() -> np.ndarray:
+    return make_field(2, (192, 192), seed=4)  # uint16, 12-bit values
+
+
+def _metric(image: np.ndarray, name: str) -> float:
+    return float(metrics.measure(image)[name][0])
+
+
+@pytest.mark.parametrize("kind", sorted(ARTEFACTS))
+def test_every_artefact_keeps_shape_dtype_input_and_is_seeded(field, kind):
+    before = field.copy()
+    out = apply_artefact(field, kind, 4, channels=[1], seed=3)
+    assert out.shape == field.shape and out.dtype == field.dtype
+    assert np.array_equal(field, before)  # the input is never modified
+    assert np.array_equal(out[0], field[0])  # channel 0 untouched
+    assert not np.array_equal(out[1], field[1])
+    assert np.array_equal(out, apply_artefact(field, kind, 4, channels=[1], seed=3))
+    single = apply_artefact(field[1], kind, 4, seed=3)  # one (H, W) image works too
+    assert single.shape == field.shape[1:]
+
+
+def test_random_recipes_change_with_the_seed(field):
+    for kind in ("noise", "debris", "empty", "background", "vignetting"):
+        a = apply_artefact(field, kind, 3, seed=1)
+        b = apply_artefact(field, kind, 3, seed=2)
+        assert not np.array_equal(a, b), kind
+
+
+def test_debris_is_one_object_in_every_channel(field):
+    out = apply_artefact(field, "debris", 5, seed=0)
+    changed = np.abs(out.astype(float) - field) > 200
+    overlap = (changed[0] & changed[1]).sum() / max(changed[0].sum(), 1)
+    assert changed[0].sum() > 50 and overlap > 0.8
+
+
+def test_exposure_formula():
+    x = np.array([0.0, 0.25, 0.5, 1.0])
+    assert exposure(x, 1.0) == pytest.approx([100 / 65535, 0.25, 0.5, 1.0])
+    assert exposure(x, 100.0)[1:].tolist() == [1.0, 1.0, 1.0]  # e >> 1 saturates
+    assert exposure(x, 1e-4) == pytest.approx(100 / 65535, abs=2e-4)  # e ≈ 1e-4: empty field
+
+
+def test_defocus_psf_is_normalised_and_widens_with_z():
+    def spread(z):
+        psf = defocus_psf(z)
+        assert psf.sum() == pytest.approx(1.0)
+        assert np.allclose(psf, psf[::-1, ::-1])  # symmetric
+        r = np.hypot(*np.indices(psf.shape) - psf.shape[0] // 2)
+        return float((psf * r**2).sum())
+
+    widths = [spread(z) for z in (0.5, 2, 7, 20)]
+    assert widths == sorted(widths)
+    assert defocus_psf(0.5).max() > 0.2  # nearly in focus: most light in the centre pixel
+
+
+def test_severity_makes_each_artefact_worse(field):
+    image = field[0]
+    lo, hi = 1, 5
+
+    def m(kind, sev, name):
+        return _metric(apply_artefact(image, kind, sev, seed=0), name)
+
+    assert m("defocus", hi, "PowerLogLogSlope") < m("defocus", lo, "PowerLogLogSlope")
+    assert m("gaussian_blur", hi, "Correlation_20") > m("gaussian_blur", lo, "Correlation_20")
+    assert m("saturation", hi, "PercentMaximal") > m("saturation", lo, "PercentMaximal") > 0.01
+    assert m("noise", hi, "PowerLogLogSlope") > m("noise", lo, "PowerLogLogSlope")
+    assert m("empty", hi, "StdIntensity") < 0.5 * _metric(image, "StdIntensity")
+    assert m("debris", hi, "MaxIntensity") > m("debris", lo, "MaxIntensity") * 0.99
+    vig = apply_artefact(image, "vignetting", hi, seed=0).astype(float)
+    assert vig.sum() < 0.8 * image.astype(float).sum()
+
+
+def test_bad_arguments_say_what_to_use(field):
+    with pytest.raises(ValueError, match="Unknown artefact"):
+        apply_artefact(field, "smudge")
+    with pytest.raises(ValueError, match="severity"):
+        apply_artefact(field, "noise", 9)
+    with pytest.raises(ValueError, match="not in this field"):
+        apply_artefact(field, "noise", 2, channels=[5])
+    with pytest.raises(ValueError, match="Unknown QC class"):
+        kinds_for_class("dust")
+    assert kinds_for_class("blur") == ["defocus", "gaussian_blur"]
+    assert set(SEVERITIES) == {1, 2, 3, 4, 5}
+
+
+def test_float_images_stay_float_in_unit_range():
+    x = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    out = apply_artefact(x, "saturation", 5, seed=0)
+    assert out.dtype == np.float32 and out.max() == pytest.approx(1.0)

@@ -58,6 +58,9 @@ OPTIMIZERS = ("adamw", "lion")
 TRAIN_ONLY = ("all", "norms+last")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT = "last.pt"
+
+# the clock of the --minutes budget (a seam: tests drive it)
+_clock = time.monotonic
 # what a resumed run may change; everything else comes from the checkpoint
 RESUMABLE_CHANGES = ("epochs", "minutes", "patience", "device", "precision", "resume", "register")
 
@@ -818,7 +821,7 @@ def _train(
 
     # -- the loop ---------------------------------------------------------------------------
     budget = cfg.minutes * 60 if cfg.minutes else None
-    t0, elapsed0, step0 = time.monotonic(), float(state["elapsed"]), int(state["global_step"])
+    t0, elapsed0, step0 = _clock(), float(state["elapsed"]), int(state["global_step"])
     synced_elapsed = elapsed0
     L = module.tokens_per_channel
     lr = cfg.lr
@@ -850,7 +853,7 @@ def _train(
                     _backward_and_step(loss, module, optimizer, scaler, cfg.grad_clip)
                     step_loss, synced_elapsed, cancel = _agree(
                         loss.item(),
-                        elapsed0 + time.monotonic() - t0,
+                        elapsed0 + _clock() - t0,
                         bool(should_stop is not None and should_stop()),
                         dist_info,
                         device,

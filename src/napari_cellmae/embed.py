@@ -12,9 +12,10 @@ field of a plate through three overlapping stages: reading in background threads
 (:func:`~napari_cellmae.plates.iter_fields` prefetch), tiling + statistics in a small thread pool,
 and the model on the calling thread, with crops from consecutive fields packed into batches of
 the device's size. Given a ``concurrent.futures``-style ``executor`` it hands one task per well
-to it instead (:func:`run_well_task`: the model is loaded once per worker process). Memory stays
-bounded by the read-ahead, not the plate. At the end the wells are gathered, one at a time
-(:mod:`napari_cellmae.embed_store` keeps the folder layout), into
+to it instead (:func:`run_well_task`: the model is loaded once per worker process; see
+:mod:`napari_cellmae.executors`), and given a ``shard`` it embeds only that shard's wells (job
+arrays). Memory stays bounded by the read-ahead, not the plate. At the end the wells are
+gathered, one at a time (:mod:`napari_cellmae.embed_store` keeps the folder layout), into
 
 - ``crops.parquet``    Metadata_* + Metadata_Crop/CropY/CropX + emb_0000…
 - ``fields.parquet``   Metadata_* + Metadata_NCrops + emb_*
@@ -28,11 +29,10 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,15 @@ from .embed_store import (
     totals,
     well_dir,
     write_well,
+)
+from .executors import (
+    Shard,
+    cached_model,
+    check_checksum,
+    client_device,
+    map_bounded,
+    shares_memory,
+    worker_source,
 )
 from .progress import Progress
 from .store import run_record, write_json_atomic
@@ -168,6 +177,7 @@ class EmbedResult:
     n_crops: int
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
+    n_wells_pending: int = 0  # wells of other shards not written yet (tables not assembled)
 
 
 # -- fields -> crops -> embeddings ----------------------------------------------------------------
@@ -389,7 +399,7 @@ def _batch_size(model: CellMAEModel, config: EmbedConfig) -> int:
     return int(config.batch_size or default_batch_size(model.device))
 
 
-# -- executor tasks (issue 10 hands these to Dask) -------------------------------------------
+# -- executor tasks (napari_cellmae.executors runs them anywhere) ---------------------------------
 @dataclass
 class WellTask:
     """One well to embed, self-contained so that it can be shipped to another process."""
@@ -402,32 +412,15 @@ class WellTask:
     n_fields: int = 0  # for progress
 
 
-_MODELS: dict[tuple, Any] = {}
-_MODELS_LOCK = threading.Lock()
-
-
 def _worker_model(config: EmbedConfig) -> CellMAEModel:
     """The model of ``config``, loaded once per process (thread-safe)."""
-    key = (config.model, config.device, config.precision)
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            from .hub import load_model
-
-            _MODELS[key] = load_model(
-                config.model, device=config.device, encoder_only=True, precision=config.precision
-            )
-        return _MODELS[key]
+    return cached_model(config.model, config.device, config.precision, encoder_only=True)
 
 
 def run_well_task(task: WellTask) -> dict[str, Any]:
     """Embed and write one well (what an executor runs); returns its counts."""
     model = task.model if task.model is not None else _worker_model(task.config)
-    if model.checksum != task.model_checksum:
-        raise ValueError(
-            f"the worker loaded model {task.config.model!r} with checksum "
-            f"{model.checksum[:12]}…, not the run's {task.model_checksum[:12]}…: give every "
-            "worker the same model folder"
-        )
+    check_checksum(model, task.model_checksum, task.config.model)
     meta = task.well_index.iloc[0]
     if task.path.is_dir():
         return {"plate": meta["Metadata_Plate"], "well": meta["Metadata_Well"], "skipped": True}
@@ -439,6 +432,7 @@ def run_well_task(task: WellTask) -> dict[str, Any]:
         "fields": len(tables.fields),
         "errors": len(tables.errors),
         "skipped": False,
+        "worker": f"{model.device} {model.precision}",
     }
 
 
@@ -485,19 +479,30 @@ def _channels(indexes: list[pd.DataFrame], config: EmbedConfig) -> list[list[str
 
 
 def _pending(
-    index: pd.DataFrame, out: Path
+    index: pd.DataFrame, out: Path, owned: set[tuple[str, str]] | None = None
 ) -> tuple[pd.DataFrame, dict[tuple[str, str], int], int]:
-    """Fields of the wells not yet written, their field counts per well, and the wells skipped."""
+    """Fields of the wells not yet written, their field counts per well, and the wells skipped
+    (only among the ``owned`` wells when a shard runs)."""
     from .plates import list_fields
 
     fields = list_fields(index)
     keys = list(zip(fields["Metadata_Plate"].astype(str), fields["Metadata_Well"].astype(str)))
     counts: dict[tuple[str, str], int] = {}
     for key in keys:
-        counts[key] = counts.get(key, 0) + 1
+        if owned is None or key in owned:
+            counts[key] = counts.get(key, 0) + 1
     done = {k for k in counts if well_dir(out, *k).is_dir()}
-    keep = np.array([k not in done for k in keys], dtype=bool)
+    keep = np.array([k in counts and k not in done for k in keys], dtype=bool)
     return fields[keep], {k: n for k, n in counts.items() if k not in done}, len(done)
+
+
+def _well_keys(indexes: list[pd.DataFrame]) -> list[tuple[str, str]]:
+    """Every (plate, well) of the plates, in index order."""
+    keys: dict[tuple[str, str], None] = {}
+    for index in indexes:
+        for key in zip(index["Metadata_Plate"].astype(str), index["Metadata_Well"].astype(str)):
+            keys[key] = None
+    return list(keys)
 
 
 def embed_plates(
@@ -508,6 +513,8 @@ def embed_plates(
     executor: Any = None,
     max_in_flight: int | None = None,
     prepare_workers: int | None = None,
+    shard: Shard | str | None = None,
+    assemble_only: bool = False,
 ):
     """Embed whole plates into ``out_dir`` (a progress generator; returns :class:`EmbedResult`).
 
@@ -529,6 +536,12 @@ def embed_plates(
     prepare_workers : int, optional
         Threads tiling fields and computing statistics next to the model (default: a CPU core
         not used by reading, 1 to 4).
+    shard : Shard or "K/N", optional
+        Embed only this shard's wells (:class:`~napari_cellmae.executors.Shard`); the tables are
+        assembled by the shard that finds every well of the plates written.
+    assemble_only : bool
+        Embed nothing: gather the wells written by the shards into the tables (every well must
+        be there; ValueError lists the missing ones).
 
     Yields
     ------
@@ -548,8 +561,9 @@ def embed_plates(
         from .hub import load_model
 
         yield Progress(0, None, f"loading model {config.model or '(bundled default)'}")
+        device = client_device(config.device, executor)  # the workers load their own
         model = load_model(
-            config.model, device=config.device, encoder_only=True, precision=config.precision
+            config.model, device=device, encoder_only=True, precision=config.precision
         )
     n_channels = len(channel_ids[0])
     size = model.config.img_size
@@ -594,10 +608,15 @@ def embed_plates(
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", {**record, "status": "running"})
     save_channel_map(out, {c: names.get(c, c) for c in channel_ids[0]}, channel_ids[0])
-    if n := clean_partial(out):
+    all_keys = _well_keys(indexes)
+    shard = Shard.parse(shard) if shard is not None else None
+    owned = shard.owned(all_keys) if shard is not None else None
+    if assemble_only:
+        owned = set()
+    if n := clean_partial(out, owned):  # a shard leaves the other shards' unfinished wells alone
         logger.info("removed %d half-written wells of an interrupted run", n)
 
-    plans = [(index, *_pending(index, out)) for index in indexes]
+    plans = [(index, *_pending(index, out, owned)) for index in indexes]
     total = sum(len(fields) for _, fields, _, _ in plans)
     skipped = sum(s for *_, s in plans)
     failures: list[dict[str, Any]] = []
@@ -616,7 +635,8 @@ def embed_plates(
             )
             done += len(fields)
     else:
-        task_config = replace(config, model=str(model.source or config.model or "") or None)
+        task_config = replace(config, model=worker_source(model.source or config.model))
+        share = shares_memory(executor)  # threads: the caller's model, no second copy
         tasks = []
         for index, _, counts, _ in plans:
             for (plate, well), rows in index.groupby(
@@ -626,22 +646,47 @@ def embed_plates(
                 if key not in counts:
                     continue
                 rows = rows.copy()
+                rows["path"] = [os.path.abspath(p) for p in rows["path"]]  # for any worker's cwd
                 rows.attrs = dict(index.attrs)
                 tasks.append(
                     WellTask(
                         well_index=rows,
-                        path=well_dir(out, *key),
+                        path=well_dir(out.absolute(), *key),
                         config=task_config,
                         model_checksum=model.checksum,
-                        model=model if isinstance(executor, ThreadPoolExecutor) else None,
+                        model=model if share else None,
                         n_fields=counts[key],
                     )
                 )
-        limit = max_in_flight or 2 * int(getattr(executor, "_max_workers", 2) or 2)
-        yield from _run_executor(executor, tasks, limit, total, failures)
+        workers = set()
+        yield from _run_executor(executor, tasks, max_in_flight, total, failures, workers)
+        if workers:  # where the tasks ran: device and resolved precision of the workers
+            record["workers"] = sorted(workers)
 
-    yield Progress(total, total, "gathering tables")
     plate_names = [str(p) for index in indexes for p in index["Metadata_Plate"].unique()]
+    missing = [k for k in all_keys if not well_dir(out, *k).is_dir()]
+    if assemble_only and missing:
+        shown = ", ".join(f"{p} {w}" for p, w in missing[:8]) + (" …" if len(missing) > 8 else "")
+        raise ValueError(
+            f"{len(missing)} of {len(all_keys)} wells are not embedded yet ({shown}): rerun "
+            f"the shards that hold them, or run the same command without --shard/--assemble to "
+            f"embed the missing wells and assemble the tables in {out}"
+        )
+    if shard is not None and missing:  # other shards are still running: they will assemble
+        counts = totals(out, plate_names)
+        return EmbedResult(
+            out_dir=out,
+            tables={},
+            n_wells=counts["n_wells"],
+            n_wells_skipped=skipped,
+            n_fields=counts["n_fields"],
+            n_errors=len(failures),
+            n_crops=counts["n_crops"],
+            seconds=time.monotonic() - t0,
+            config={**record, "status": "running", "shard": str(shard)},
+            n_wells_pending=len(missing),
+        )
+    yield Progress(total, total, "gathering tables")
     tables = assemble(out, plate_names, config.levels, config.features, failures)
     counts = {k: pq.read_metadata(p).num_rows for k, p in tables.items()}
     counts |= totals(out, plate_names)
@@ -709,42 +754,28 @@ def _run_serial(
 def _run_executor(
     executor: Any,
     tasks: list[WellTask],
-    limit: int,
+    limit: int | None,
     total: int,
     failures: list[dict[str, Any]],
+    workers: set[str],
 ):
-    """Hand well tasks to ``executor``, at most ``limit`` in flight; a failed well is recorded
-    (and left unwritten, so a rerun retries it)."""
-    todo = iter(tasks)
-    in_flight: dict[Future, WellTask] = {}
+    """Hand well tasks to ``executor``, at most ``limit`` in flight (default: twice what it runs
+    at once); a failed well is recorded (and left unwritten, so a rerun retries it)."""
     done = 0
-    try:
-        while True:
-            while len(in_flight) < limit:
-                task = next(todo, None)
-                if task is None:
-                    break
-                in_flight[executor.submit(run_well_task, task)] = task
-            if not in_flight:
-                break
-            finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
-            for future in finished:
-                task = in_flight.pop(future)
-                meta = task.well_index.iloc[0]
-                try:
-                    future.result()
-                except Exception as exc:  # one bad well must not stop a screen
-                    logger.error("well %s failed: %s", task.path, exc)
-                    failures.append(
-                        {
-                            "Metadata_Plate": str(meta["Metadata_Plate"]),
-                            "Metadata_Well": str(meta["Metadata_Well"]),
-                            "error_type": type(exc).__name__,
-                            "error": f"the whole well failed: {exc}",
-                        }
-                    )
-                done += task.n_fields
-                yield Progress(done, total, f"{meta['Metadata_Plate']} {meta['Metadata_Well']}")
-    finally:
-        for future in in_flight:
-            future.cancel()
+    for task, future in map_bounded(executor, run_well_task, tasks, limit):
+        meta = task.well_index.iloc[0]
+        try:
+            if worker := future.result().get("worker"):
+                workers.add(worker)
+        except Exception as exc:  # one bad well must not stop a screen
+            logger.error("well %s failed: %s", task.path, exc)
+            failures.append(
+                {
+                    "Metadata_Plate": str(meta["Metadata_Plate"]),
+                    "Metadata_Well": str(meta["Metadata_Well"]),
+                    "error_type": type(exc).__name__,
+                    "error": f"the whole well failed: {exc}",
+                }
+            )
+        done += task.n_fields
+        yield Progress(done, total, f"{meta['Metadata_Plate']} {meta['Metadata_Well']}")

@@ -75,10 +75,15 @@ def write_well(tables: WellTables, path: str | os.PathLike) -> bool:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def clean_partial(out_dir: Path) -> int:
-    """Remove half-written well folders left by a killed run."""
+def clean_partial(out_dir: Path, wells: set[tuple[str, str]] | None = None) -> int:
+    """Remove half-written well folders left by a killed run (given ``wells``, only theirs: a
+    shard leaves the wells other shards may be writing right now alone)."""
+    mine = None if wells is None else {(safe_name(p), safe_name(w)) for p, w in wells}
     n = 0
     for tmp in out_dir.glob("*/wells/.*.part"):
+        well = tmp.name[1:].rsplit(".", 2)[0]  # ".<well>.<random>.part"
+        if mine is not None and (tmp.parent.parent.name, well) not in mine:
+            continue
         shutil.rmtree(tmp, ignore_errors=True)
         n += 1
     return n

@@ -14,10 +14,19 @@ Resumable: each well is written on its own as soon as it is done (OUT/<plate>/we
 running the same command again skips finished wells, so an interrupted run (Ctrl-C, a killed job)
 continues where it stopped. A different model or pooling for an existing --out is refused.
 
+Whole screens: --executor threads|processes|dask hands one task per well to several workers
+(--local-workers N: one per GPU here; --scheduler ADDRESS: a running Dask cluster; --slurm-jobs N:
+SLURM jobs through dask-jobqueue); --shard K/N embeds one shard of the wells (a job array without
+Dask; the shard that finishes last assembles the tables, or --assemble does). Same tables as a
+serial run. See docs/scale-out.md.
+
 examples:
   cellmae embed /data/plate1 --out emb/
   cellmae embed /data/screen/P1 /data/screen/P2 --model /models/OpenPhenom --device cuda --out emb/
   cellmae embed /data/plate1 --channels DNA ER RNA AGP Mito --pooling channelwise --out emb/
+  cellmae embed /data/screen/P* --out emb/ --executor dask --local-workers 4 --device cuda
+  cellmae embed /data/screen/P* --out emb/ --slurm-jobs 8 --slurm-gpus 1 --slurm-queue gpu
+  cellmae embed /data/screen/P* --out emb/ --shard ${SLURM_ARRAY_TASK_ID}/8
 """
 
 from __future__ import annotations
@@ -109,13 +118,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="fields read ahead in background threads (default: 4)",
     )
+    from ._scale_out import add_arguments as add_scale_out_arguments
+
+    add_scale_out_arguments(parser, "well")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..embed import EmbedConfig, embed_plates
+    from ..executors import open_executor
     from ..progress import run as drive
+    from ._scale_out import executor_config, pending_message, say, shard
 
     config = EmbedConfig(
         model=args.model,
@@ -130,7 +144,11 @@ def run(args: argparse.Namespace) -> int:
         features=not args.no_features,
         prefetch=args.prefetch,
     )
-    with tqdm(desc="embed", unit="field", file=sys.stderr, dynamic_ncols=True) as bar:
+    scale, part = executor_config(args), shard(args)
+    with (
+        tqdm(desc="embed", unit="field", file=sys.stderr, dynamic_ncols=True) as bar,
+        open_executor(scale, config.device, log=say) as executor,
+    ):
 
         def show(event) -> None:
             if event.total is not None and bar.total != event.total:
@@ -139,7 +157,22 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(event.message, refresh=False)
             bar.refresh()
 
-        result = drive(embed_plates(args.plates, args.out, config), progress=show)
+        run_ = embed_plates(
+            args.plates,
+            args.out,
+            config,
+            executor=executor,
+            max_in_flight=scale.max_in_flight,
+            shard=part,
+            assemble_only=args.assemble,
+        )
+        result = drive(run_, progress=show)
+    if result.n_wells_pending:
+        print(
+            f"shard {part}: {result.n_wells} wells embedded so far in {result.out_dir}; "
+            + pending_message(result.n_wells_pending, "well")
+        )
+        return 0
     skipped = f", {result.n_wells_skipped} already done" if result.n_wells_skipped else ""
     print(
         f"embedded {result.n_fields} fields ({result.n_crops} crops) in {result.n_wells} wells"

@@ -9,12 +9,20 @@ The head is used only with the encoder it was trained on (checksum); otherwise o
 metrics are used, and --train-from-plate trains a head for the model from synthetic artefacts
 applied to this plate (minutes on a CPU).
 
+Whole screens: --executor threads|processes|dask measures one well per task (--local-workers N,
+--scheduler ADDRESS, --slurm-jobs N), --shard K/N one shard of the wells (a job array); the wells
+are kept in OUT/wells/ so a rerun resumes, and the plate is judged once every well is measured
+(by the shard that finishes last, or --assemble). Same report as a serial run. See
+docs/scale-out.md.
+
 examples:
   cellmae qc /data/plate1 --out qc/plate1
   cellmae qc /data/plate1 --out qc/plate1 --link-passing /data/plate1_passing --link-mode symlink
   cellmae qc /data/plate1 --model /models/OpenPhenom --train-from-plate --save-head op_head.npz \\
       --out qc/plate1
   cellmae qc --train-labels labels.csv --base-head my_head.npz --save-head my_head2.npz
+  cellmae qc /data/plate1 --out qc/plate1 --executor dask --local-workers 2
+  cellmae qc /data/plate1 --out qc/plate1 --shard ${SLURM_ARRAY_TASK_ID}/4
 """
 
 from __future__ import annotations
@@ -89,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --train-labels: start from this head (keeps what it knew); default: none",
     )
     train.add_argument("--save-head", metavar="FILE", help="write the trained head here (.npz)")
+    from ._scale_out import add_arguments as add_scale_out_arguments
+
+    add_scale_out_arguments(parser, "well")
 
 
 def _progress_bar(desc: str):
@@ -106,19 +117,21 @@ def _progress_bar(desc: str):
     return bar, update
 
 
-def _load_model(args: argparse.Namespace, required: bool):
-    """(model or None, notice): the bundled default may be missing until it is trained."""
+def _load_model(args: argparse.Namespace, required: bool, executor=None):
+    """(model or None, notice): the bundled default may be missing until it is trained. With an
+    executor whose workers are elsewhere, this process may load it on the CPU (they use
+    --device)."""
     from .. import load_model
+    from ..executors import client_device
     from ..registry import DEFAULT_MODEL, bundled_models
 
     device = None if args.device == "auto" else args.device
     if args.model is None and DEFAULT_MODEL not in bundled_models() and not required:
         return None, f"The bundled model {DEFAULT_MODEL} is not installed: pass --model."
-    return load_model(args.model, device=device, encoder_only=True), ""
+    return load_model(args.model, device=client_device(device, executor), encoder_only=True), ""
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..progress import run as drive
     from ..qc.head import QCHead
 
     if args.train_labels:
@@ -140,6 +153,21 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"Plate folder {args.plate} not found: pass an existing folder.")
     if not args.out and not args.train_from_plate:
         raise ValueError("--out DIR is required: the folder for the QC report.")
+    from ..executors import ExecutorConfig, open_executor
+    from ._scale_out import executor_config, say, shard
+
+    scale, part = executor_config(args), shard(args)
+    device = None if args.device == "auto" else args.device
+    where = scale if args.out else ExecutorConfig()  # only training a head: nothing to spread
+    with open_executor(where, device, log=say) as executor:
+        return _run_plate(args, scale, part, executor)
+
+
+def _run_plate(args: argparse.Namespace, scale, part, executor) -> int:
+    """Measure, judge and report one plate (one task per well on ``executor`` when given)."""
+    from ..progress import run as drive
+    from ..qc.head import QCHead
+    from ._scale_out import pending_message
 
     model, head, notice = None, None, ""
     if args.train_from_plate:
@@ -168,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     elif not args.classic_only:
         head = QCHead.load(args.head)
         if head.spec.uses_encoder:
-            model, notice = _load_model(args, required=args.model is not None)
+            model, notice = _load_model(args, required=args.model is not None, executor=executor)
 
     from ..qc.run import run_qc
 
@@ -186,9 +214,17 @@ def run(args: argparse.Namespace) -> int:
                 link_mode=args.link_mode,
                 layout=args.layout,
                 batch_size=args.batch_size,
+                executor=executor,
+                shard=part,
+                assemble_only=args.assemble,
+                max_in_flight=scale.max_in_flight,
+                device=None if args.device == "auto" else args.device,
             ),
             progress=update,
         )
+    if result["pending_wells"]:
+        print(f"shard {part}: measured; " + pending_message(result["pending_wells"], "well"))
+        return 0
     for line in (notice, result["notice"]):
         if line:
             print(line)

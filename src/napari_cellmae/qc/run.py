@@ -121,8 +121,7 @@ def measure_plate(
     """Measure every field of a plate (progress generator; returns a :class:`QCResult`)."""
     import pandas as pd
 
-    from ..plates import iter_fields, list_fields, read_image, scan_plate
-    from ..plates.scan import field_keys
+    from ..plates import scan_plate
 
     t0 = time.monotonic()
     if isinstance(plate, (str, os.PathLike)):
@@ -134,6 +133,27 @@ def measure_plate(
     spec: FeatureSpec | None = used.spec if used is not None else None
     if spec is not None:
         scale = spec.scale
+    rows, feats = yield from measure_rows(index, model, spec, scale, batch_size, prefetch)
+    return finish_measurement(
+        index, pd.DataFrame(rows), feats, used, notice, model, time.monotonic() - t0, scale
+    )
+
+
+def measure_rows(
+    index: pd.DataFrame,
+    model: Any,
+    spec: FeatureSpec | None,
+    scale: int,
+    batch_size: int | None = None,
+    prefetch: int = 2,
+) -> Generator[Progress, None, tuple[list[dict[str, Any]], list[np.ndarray]]]:
+    """The per-image rows (metadata, metrics, ``QC_Error``) and the head's absolute features of
+    every field of ``index`` (a plate, or one well of it: the unit of a distributed run)."""
+    import pandas as pd
+
+    from ..plates import iter_fields, list_fields, read_image
+    from ..plates.scan import field_keys
+
     keys = field_keys(index)
     channels = list(index.attrs.get("channels") or sorted(index["Metadata_Channel"].unique()))
     names = index.attrs.get("channel_names") or {}
@@ -185,7 +205,26 @@ def measure_plate(
                 feats.extend(x)
         where = f"{meta.get('Metadata_Well')} site {meta.get('Metadata_Site')}"
         yield Progress(i + 1, total, f"QC {where}" + (" (unreadable)" if error else ""))
-    images = pd.DataFrame(rows)
+    return rows, feats
+
+
+def finish_measurement(
+    index: pd.DataFrame,
+    images: pd.DataFrame,
+    feats: Any,
+    used: QCHead | None,
+    notice: str,
+    model: Any,
+    seconds: float,
+    scale: int,
+) -> QCResult:
+    """A :class:`QCResult` from the per-image rows of a whole plate (in field order) and their
+    absolute features: adds the plate-relative half of the features and the field table."""
+    from ..plates import list_fields
+    from ..plates.scan import field_keys
+
+    keys = field_keys(index)
+    spec = used.spec if used is not None else None
     features = None
     if spec is not None:  # plate-relative half: against each plate/channel's readable images
         groups = list(zip(images["Metadata_Plate"], images["Metadata_Channel"]))
@@ -195,10 +234,10 @@ def measure_plate(
         if f"QC_{name}" not in images:
             images[f"QC_{name}"] = np.nan
     err_by_field: dict[tuple, str] = {}
-    for row in rows:
-        if row["QC_Error"]:
-            err_by_field.setdefault(tuple(row[k] for k in keys), row["QC_Error"])
-    fields = fields.copy()
+    bad = images[images["QC_Error"] != ""] if len(images) else images
+    for row in bad.to_dict("records"):
+        err_by_field.setdefault(tuple(row[k] for k in keys), row["QC_Error"])
+    fields = list_fields(index).copy()
     fields["QC_Error"] = [
         err_by_field.get(tuple(r[k] for k in keys), "") for r in fields.to_dict("records")
     ]
@@ -210,7 +249,7 @@ def measure_plate(
         head=used,
         notice=notice,
         model={"name": str(model.name), "checksum": str(model.checksum)} if model else None,
-        seconds=time.monotonic() - t0,
+        seconds=seconds,
         scale=scale,
     )
 
@@ -471,9 +510,21 @@ def run_qc(
     link_mode: str = "hard",
     layout: str = "auto",
     batch_size: int | None = None,
+    executor: Any = None,
+    shard: Any = None,
+    assemble_only: bool = False,
+    max_in_flight: int | None = None,
+    device: str | None = None,
 ) -> Generator[Progress, None, dict[str, Any]]:
     """The whole plate QC (``cellmae qc``) as a progress generator; returns a summary dict with
-    the output paths, the method used, the notice and the per-plate summary table."""
+    the output paths, the method used, the notice, the per-plate summary table and
+    ``pending_wells``.
+
+    Given an ``executor`` (any ``concurrent.futures``-style one), a ``shard`` ("K/N") or
+    ``assemble_only``, the plate is measured one well per task into ``out/wells/`` (resumable;
+    :mod:`napari_cellmae.qc.wells`; ``device``: where other processes load the model) and judged
+    once every well is there; until then (other shards still running) nothing is reported and
+    ``pending_wells`` counts the wells missing."""
     if link_mode not in LINK_MODES:
         raise ValueError(f"Unknown link mode {link_mode!r}: use one of {', '.join(LINK_MODES)}.")
     if not 0.0 <= float(threshold) <= 1.0:
@@ -482,7 +533,38 @@ def run_qc(
         _check_outside(out, plate, "output folder")
         if link_passing is not None:
             _check_outside(link_passing, plate, "mirror folder")
-    result = yield from measure_plate(plate, model, head, layout=layout, batch_size=batch_size)
+    if executor is None and shard is None and not assemble_only:
+        result = yield from measure_plate(plate, model, head, layout=layout, batch_size=batch_size)
+    else:
+        from ..plates import scan_plate
+        from .wells import measure_wells
+
+        index = scan_plate(plate, layout) if isinstance(plate, (str, os.PathLike)) else plate
+        if index.attrs.get("root"):  # the wells are written before the report: check first
+            _check_outside(out, index.attrs["root"], "output folder")
+        result, pending = yield from measure_wells(
+            index,
+            out,
+            model,
+            head,
+            executor=executor,
+            shard=shard,
+            assemble_only=assemble_only,
+            max_in_flight=max_in_flight,
+            device=device,
+            batch_size=batch_size,
+        )
+        if result is None:  # the other shards' wells are not all there: they will report
+            used, notice = head_status(head, model)
+            return {
+                "paths": {},
+                "method": "head" if used is not None else "classic",
+                "notice": notice,
+                "summary": None,
+                "mirror": None,
+                "fields": None,
+                "pending_wells": pending,
+            }
     images, fields = judge(result, threshold, z_threshold)
     yield Progress(len(fields), len(fields), "writing the report")
     paths = write_report(
@@ -504,4 +586,5 @@ def run_qc(
         "summary": summarize(fields),
         "mirror": mirrored,
         "fields": fields,
+        "pending_wells": 0,
     }

@@ -60,3 +60,10 @@ def test_cli_subprocess():
     script = Path(sys.executable).with_name("cellmae")
     version = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and __version__ in version.stdout
+
+
+def test_layout_help_names_every_layout():
+    from napari_cellmae.commands._options import LAYOUT_NAMES
+    from napari_cellmae.plates.layouts import LAYOUTS
+
+    assert tuple(LAYOUTS) == LAYOUT_NAMES

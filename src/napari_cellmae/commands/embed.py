@@ -34,36 +34,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._options import add_inference, add_layout
+
 HELP = "embed plates: per-crop, per-field and per-well parquet tables (resumable)"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --device, --precision, --batch-size, --block, --pooling."""
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        default=None,
-        metavar="NAME_OR_PATH",
-        help="bundled model name, model folder (ours or an OpenPhenom snapshot) or Hugging Face "
-        "repo id (default: the bundled cellmae-tiny)",
-    )
-    model.add_argument(
-        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"
-    )
-    model.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        help="inference precision (default: auto = bf16/fp16 where the device is fast at it)",
-    )
-    model.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="crops per forward pass (default: 4 on CPU, 16 on MPS, 64 on CUDA; halved "
-        "automatically on out-of-memory)",
-    )
+    model = add_inference(parser)
     model.add_argument(
         "--block",
         type=int,
@@ -86,12 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     add_model_arguments(parser)
     data = parser.add_argument_group("data")
-    data.add_argument(
-        "--layout",
-        default="auto",
-        help="file naming: auto (detect), imagexpress, harmony, cellomics, incell, incucyte, "
-        "rxrx, rxrx3, or a regex with named groups (default: auto)",
-    )
+    add_layout(data)
     data.add_argument(
         "--channels",
         nargs="+",

@@ -36,6 +36,8 @@ import sys
 import threading
 from typing import Any
 
+from ._options import add_device, add_layout
+
 HELP = "continued MAE training on your plates, linear probes and block search (a new model)"
 
 
@@ -124,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     opt.add_argument("--seed", type=int, default=0, help="seed of splits, crops, masks (0)")
     data = parser.add_argument_group("data")
-    data.add_argument("--layout", default="auto", help="file naming of the plates (default: auto)")
+    add_layout(data)
     data.add_argument(
         "--channels",
         nargs="+",
@@ -152,15 +154,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="labelled fields used by the probes at most (default: 400)",
     )
     machine = parser.add_argument_group("machine and output")
-    machine.add_argument(
-        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"
-    )
-    machine.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        help="auto = bf16 autocast on GPUs and on CPUs fast at it, fp16 with loss scaling on "
-        "older GPUs, else fp32",
+    add_device(
+        machine,
+        precision_help="auto = bf16 autocast on GPUs and on CPUs fast at it, fp16 with loss "
+        "scaling on older GPUs, else fp32",
     )
     machine.add_argument(
         "--resume", action="store_true", help="continue the run from its checkpoint"

@@ -31,6 +31,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._options import add_batch_size, add_device, add_layout, add_model
+
 HELP = "artefact QC of a plate folder: flags, reasons, passing list, mirror"
 
 
@@ -41,15 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--head",
         help="QC head file (.npz) from train_qc_head or --save-head (default: the shipped head)",
     )
-    parser.add_argument(
-        "--model",
-        help="encoder: bundled name, model folder or Hugging Face id (default: the bundled model)",
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
-    parser.add_argument(
-        "--batch-size", type=int, default=None, help="crops per forward pass (default by device)"
-    )
-    parser.add_argument("--layout", default="auto", help="plate layout name or a regex (auto)")
+    add_model(parser, role="encoder")
+    add_device(parser, precision=False)
+    add_batch_size(parser)
+    add_layout(parser)
     parser.add_argument(
         "--threshold",
         type=float,

@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._options import add_inference, add_layout
+
 HELP = "reconstruct a masked view of one field (OME-TIFF stacks, PNG preview, summary)"
 
 
@@ -39,12 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--well", help="well, e.g. B03 (default: the first complete field)")
     where.add_argument("--site", type=int, default=None, help="site, 1-based (default: 1)")
     where.add_argument("--plate", help="plate name, when the folder holds several plates")
-    where.add_argument(
-        "--layout",
-        default="auto",
-        help="file naming: auto (detect), imagexpress, harmony, cellomics, incell, incucyte, "
-        "rxrx, rxrx3, or a regex with named groups (default: auto)",
-    )
+    add_layout(where)
     masking = parser.add_argument_group("masking")
     masking.add_argument(
         "--mask-ratio",
@@ -62,29 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="hide a whole channel (name or 0-based index; repeat the option for more): the "
         "model predicts that stain from the others",
     )
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        default=None,
-        help="bundled model name, model folder (ours or an OpenPhenom snapshot) or Hugging Face "
-        "repo id (default: the bundled cellmae-tiny)",
-    )
-    model.add_argument(
-        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"
-    )
-    model.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        help="inference precision (default: auto = bf16/fp16 where the device is fast at it)",
-    )
-    model.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="crops per forward pass (default: 64 on CUDA, 16 on MPS, 4 on CPU; halved on "
-        "out-of-memory)",
-    )
+    add_inference(parser)
 
 
 def _safe(text: str) -> str:

@@ -122,3 +122,24 @@ def test_worker_user_error_goes_to_status_line(panel, qtbot):
     assert sig.args == ["error"]
     assert isinstance(errors[0], FileNotFoundError)
     assert "/nowhere does not exist" in panel.status.text()
+
+
+@pytest.mark.parametrize(
+    ("menu", "command", "dock_name"),
+    [
+        ("napari/layers/visualize", "napari-cellmae.reconstruct_widget", "Reconstruct masked view"),
+        ("napari/layers/measure", "napari-cellmae.embed_widget", "Embed"),
+        ("napari/layers/classify", "napari-cellmae.qc_widget", "Artefact QC"),
+    ],
+)
+def test_layer_menus_open_the_single_capability_widgets(
+    make_napari_viewer, menu, command, dock_name
+):
+    from napari._app_model import get_app_model
+
+    viewer = make_napari_viewer()
+    app = get_app_model()
+    ids = [getattr(getattr(i, "command", None), "id", None) for i in app.menus.get_menu(menu)]
+    assert command in ids
+    app.commands.execute_command(command)
+    assert any(name.startswith(dock_name) for name in viewer.window.dock_widgets)

@@ -110,6 +110,21 @@ def test_worker_cancel_stops_generator(panel, qtbot):
     assert "cancelled" in panel.status.text()
 
 
+def test_closing_the_panel_mid_task_stops_it_quietly(qtbot):
+    """A dock closed while its task runs: the task stops, its cleanup runs, no Qt errors."""
+    from napari_cellmae._qt.worker import TaskRunner
+
+    runner = TaskRunner()
+    events, cleanup = [], []
+    worker = runner.start(_slow_counter, 10_000, 0.005, cleanup, on_progress=events.append)
+    qtbot.waitUntil(lambda: len(events) >= 3, timeout=5_000)
+    with qtbot.waitSignal(worker.finished, timeout=10_000):
+        runner.deleteLater()
+    qtbot.wait(50)  # late progress signals arrive after the widget is gone
+    assert cleanup == ["closed"]
+    assert len(events) < 10_000
+
+
 def _fails(path):
     yield Progress(0, 1)
     raise FileNotFoundError(f"{path} does not exist: choose a plate folder")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QApplication,
     QCheckBox,
@@ -131,6 +132,10 @@ class LossPlot(QWidget):
             label.set_color(FOREGROUND)
         self.ax.legend(fontsize=7, facecolor=BACKGROUND, labelcolor=FOREGROUND)
         self._drawn = 0.0
+        # a throttled redraw is not dropped: the latest points are drawn when the window ends
+        self._pending = QTimer(self)
+        self._pending.setSingleShot(True)
+        self._pending.timeout.connect(lambda: self.redraw(force=True))
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
@@ -151,7 +156,10 @@ class LossPlot(QWidget):
     def redraw(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._drawn < 0.5:
+            if not self._pending.isActive():
+                self._pending.start(max(1, int(1000 * (0.5 - (now - self._drawn)))))
             return
+        self._pending.stop()
         self._drawn = now
         for line, points in (
             (self.train_line, self.train_points),

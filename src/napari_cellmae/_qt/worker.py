@@ -12,6 +12,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from qtpy.QtCore import Qt, Signal
@@ -23,6 +24,12 @@ logger = logging.getLogger(__name__)
 
 # errors a user can cause: shown as one line, no traceback
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+
+
+def _on_destroyed(alive: dict[str, Any], *_: Any) -> None:
+    alive["alive"] = False
+    if alive["worker"] is not None:
+        alive["worker"].quit()
 
 
 class TaskRunner(QWidget):
@@ -44,6 +51,11 @@ class TaskRunner(QWidget):
         self._eta: EtaEstimator | None = None
         self._t0 = 0.0
         self._description = ""
+        # Set when Qt destroys this widget: a worker still running then is told to stop, and
+        # its late signals are dropped instead of touching deleted widgets.
+        # (the handler holds this dict, not the widget, so it can run while the widget dies)
+        self._alive: dict[str, Any] = {"alive": True, "worker": None}
+        self.destroyed.connect(partial(_on_destroyed, self._alive))
 
         self.bar = QProgressBar()
         self.bar.setTextVisible(True)
@@ -109,19 +121,26 @@ class TaskRunner(QWidget):
         self._eta = EtaEstimator()
         self._t0 = time.monotonic()
         outcome = {"state": "done"}
+        alive = self._alive
+        alive["worker"] = worker
 
         def _yielded(event: Any) -> None:
+            if not alive["alive"]:
+                return
             if isinstance(event, Progress):
                 self._show(event)
                 if on_progress is not None:
                     on_progress(event)
 
         def _returned(value: Any) -> None:
-            if on_result is not None:
+            if alive["alive"] and on_result is not None:
                 on_result(value)
 
         def _errored(exc: BaseException) -> None:
             outcome["state"] = "error"
+            if not alive["alive"]:
+                logger.error("".join(traceback.format_exception(exc)))
+                return
             if isinstance(exc, USER_ERRORS):
                 self._status(f"{self._description}: {exc}")
             else:
@@ -134,6 +153,8 @@ class TaskRunner(QWidget):
             outcome["state"] = "cancelled"
 
         def _finished() -> None:
+            if not alive["alive"]:
+                return
             state = outcome["state"]
             elapsed = format_seconds(time.monotonic() - self._t0)
             if state == "done":
@@ -148,6 +169,7 @@ class TaskRunner(QWidget):
             self.eta_label.setText("")
             self.cancel_button.setEnabled(False)
             self._worker = None
+            alive["worker"] = None
             self.finished.emit(state)
             if on_finished is not None:
                 on_finished(state)

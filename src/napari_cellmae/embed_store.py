@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .store import atomic_path, write_table_atomic
+from .store import atomic_path, write_parquet, write_table_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -56,7 +56,7 @@ def write_well(tables: WellTables, path: str | os.PathLike) -> bool:
         for name in ("fields", "well", "features", "errors", "crops"):
             df = getattr(tables, name)
             if df is not None and len(df):
-                df.to_parquet(tmp / f"{name}.parquet", engine="pyarrow", index=False)
+                write_parquet(df, tmp / f"{name}.parquet")
         counts = {
             "fields": len(tables.fields),
             "errors": len(tables.errors),
@@ -143,21 +143,25 @@ def _concat_parquet(files: list[Path], path: Path) -> Path:
     unified = pa.unify_schemas(schemas, promote_options="permissive").remove_metadata()
     order = [n for n in unified.names if n.startswith("Metadata_")]
     order += [n for n in unified.names if not n.startswith("Metadata_")]
-    unified = pa.schema([unified.field(n) for n in order])
+    types = {n: unified.field(n).type for n in order}  # by name: Schema.field(name) is O(width)
+    unified = pa.schema([pa.field(n, types[n]) for n in order])
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, unified) as writer:
         pending: list = []
+        pending_bytes = 0  # a running sum: Table.nbytes walks every buffer of every column
         for i, f in enumerate(files):
             table = pq.read_table(f)
+            have = dict(zip(table.column_names, table.columns))
             columns = [
-                table[n].cast(unified.field(n).type)
-                if n in table.column_names
-                else pa.nulls(len(table), unified.field(n).type)
+                (have[n] if have[n].type == types[n] else have[n].cast(types[n]))
+                if n in have
+                else pa.nulls(len(table), types[n])
                 for n in order
             ]
             pending.append(pa.Table.from_arrays(columns, schema=unified))
-            if i == len(files) - 1 or sum(t.nbytes for t in pending) >= ROW_GROUP_BYTES:
+            pending_bytes += pending[-1].nbytes
+            if i == len(files) - 1 or pending_bytes >= ROW_GROUP_BYTES:
                 writer.write_table(pa.concat_tables(pending))
-                pending = []
+                pending, pending_bytes = [], 0
     return path
 
 

@@ -51,8 +51,14 @@ def test_train_cancel_resume_and_the_new_model_appears(panel, qtbot, small_scree
     assert Path(f"{out}-checkpoints/last.pt").is_file() and not out.exists()
     assert tab.resume_button.isEnabled()
 
-    # Resume with a budget that ends the run soon: the report shows, the pickers offer it
-    steps_at_cancel = tab.plot.train_points[-1][0]
+    # Resume with a budget that ends the run soon: the report shows, the pickers offer it.
+    # The checkpoint holds the step the run stopped at (the step in flight when Cancel was pressed
+    # finishes first, so it can be one past the last point plotted).
+    import torch
+
+    saved = torch.load(f"{out}-checkpoints/last.pt", map_location="cpu", weights_only=False)
+    steps_at_cancel = int(saved["state"]["global_step"])
+    assert steps_at_cancel >= tab.plot.train_points[-1][0]
     tab.epochs.setValue(1)
     with qtbot.waitSignal(tab.runner.finished, timeout=180_000) as done:
         tab.resume_button.click()

@@ -129,7 +129,7 @@ class EmbedTab(QWidget):
         self._out_edited = False
 
         self.pooling_combo = QComboBox()
-        self.pooling_combo.addItem("model default (mean)", None)
+        self.pooling_combo.addItem("model default", None)
         for name in ("mean", "channelwise", "cls"):
             self.pooling_combo.addItem(name, name)
         self.block_spin = QSpinBox()

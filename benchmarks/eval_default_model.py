@@ -46,6 +46,7 @@ from train_default_model import (  # noqa: E402
     DEFAULT_REAL,
     HELD_OUT_WELLS,
     TRANSFLUOR,
+    machine,
 )
 
 MASK_RATIO = 0.75
@@ -419,19 +420,8 @@ def _embedding_lines(e: dict) -> list[str]:
 
 
 def machine_line() -> str:
-    import platform
-
-    import torch
-
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    m = machine()
+    return f"{m['cpu']}, {m['cpu_cores']} cores, torch {m['torch']}"
 
 
 def main(argv: list[str] | None = None) -> int:

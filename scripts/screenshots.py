@@ -53,6 +53,32 @@ def wait_for(runner, timeout_s: float = 600) -> None:
         _process(50)
 
 
+def shot_model(shot_name: str, fallback_dir: Path | None = None) -> str:
+    """The model a shot uses: ``CELLMAE_SHOT_MODEL``, else the bundled default when installed.
+
+    Without either: with ``fallback_dir``, the tiny architecture with random weights (seed 0, the
+    same every time) saved there; otherwise "" (the caller says what is missing).
+    """
+    import os
+
+    from napari_cellmae.registry import DEFAULT_MODEL, bundled_models
+
+    source = os.environ.get("CELLMAE_SHOT_MODEL") or (
+        DEFAULT_MODEL if DEFAULT_MODEL in bundled_models() else ""
+    )
+    if source or fallback_dir is None:
+        return source
+    import torch
+
+    from napari_cellmae.hub import save_model
+    from napari_cellmae.model import create_model
+
+    torch.manual_seed(0)
+    print(f"{shot_name}: no trained model installed: random-weight cellmae_vit_tiny_patch16_256")
+    module = create_model("cellmae_vit_tiny_patch16_256")
+    return str(save_model(module, fallback_dir / "random-tiny"))
+
+
 def save_window(viewer, name: str) -> Path:
     _process(500)
     IMAGES.mkdir(parents=True, exist_ok=True)
@@ -130,11 +156,9 @@ def reconstruct() -> None:
     import tempfile
 
     from napari_cellmae.reconstruct import write_preview
-    from napari_cellmae.registry import DEFAULT_MODEL, bundled_models
+    from napari_cellmae.registry import DEFAULT_MODEL
 
-    source = os.environ.get("CELLMAE_SHOT_MODEL") or (
-        DEFAULT_MODEL if DEFAULT_MODEL in bundled_models() else ""
-    )
+    source = shot_model("reconstruct")
     if not source:
         print(
             f"reconstruct: the bundled model {DEFAULT_MODEL!r} is not installed yet; rerun "
@@ -192,22 +216,12 @@ def embedding() -> None:
     import tempfile
 
     import pandas as pd
-    import torch
 
-    from napari_cellmae.hub import save_model
-    from napari_cellmae.model import create_model
-    from napari_cellmae.registry import DEFAULT_MODEL, bundled_models
     from napari_cellmae.synthetic import make_screen
 
     tmp = Path(tempfile.mkdtemp())
     os.environ["CELLMAE_HOME"] = str(tmp / "home")
-    source = os.environ.get("CELLMAE_SHOT_MODEL") or (
-        DEFAULT_MODEL if DEFAULT_MODEL in bundled_models() else ""
-    )
-    if not source:
-        torch.manual_seed(0)
-        source = str(save_model(create_model("cellmae_vit_tiny_patch16_256"), tmp / "random-tiny"))
-        print("embedding: no trained model installed: random-weight cellmae_vit_tiny_patch16_256")
+    source = shot_model("embedding", tmp)
     make_screen(
         tmp / "screen",
         n_plates=1,
@@ -264,24 +278,14 @@ def qc() -> None:
     import tempfile
 
     import tifffile
-    import torch
 
-    from napari_cellmae.hub import save_model
-    from napari_cellmae.model import create_model
     from napari_cellmae.plates import read_image
     from napari_cellmae.qc.artefacts import apply_artefact
-    from napari_cellmae.registry import DEFAULT_MODEL, bundled_models
 
     real = ROOT.parent / "shared" / "data" / "real" / "transfluor-plate"
     tmp = Path(tempfile.mkdtemp())
     os.environ["CELLMAE_HOME"] = str(tmp / "home")
-    source = os.environ.get("CELLMAE_SHOT_MODEL") or (
-        DEFAULT_MODEL if DEFAULT_MODEL in bundled_models() else ""
-    )
-    if not source:
-        torch.manual_seed(0)
-        source = str(save_model(create_model("cellmae_vit_tiny_patch16_256"), tmp / "random-tiny"))
-        print("qc: no trained model installed: random-weight cellmae_vit_tiny_patch16_256 (seed 0)")
+    source = shot_model("qc", tmp)
     spoil = {  # well/site -> artefact
         "O03f01": "defocus", "O05f00": "saturation", "O08f02": "debris", "O10f01": "noise",
         "O13f00": "empty", "O15f02": "background", "O17f01": "gaussian_blur",
@@ -329,16 +333,13 @@ def finetune() -> None:
     import shutil
     import tempfile
 
-    from napari_cellmae.registry import DEFAULT_MODEL, bundled_models
     from napari_cellmae.synthetic import make_screen
 
     tmp = Path(tempfile.mkdtemp())
     os.environ["CELLMAE_HOME"] = str(tmp / "home")
     make_screen(tmp / "screen", n_plates=1, perturbations=6, replicates=2, controls=4,
                 n_channels=5, size=512, seed=0)  # fmt: skip
-    source = os.environ.get("CELLMAE_SHOT_MODEL") or (
-        DEFAULT_MODEL if DEFAULT_MODEL in bundled_models() else ""
-    )
+    source = shot_model("finetune")
     viewer = _viewer()
     viewer.window._qt_window.resize(1500, 1250)
     _dock, panel = viewer.window.add_plugin_dock_widget("napari-cellmae", "CellMAE")

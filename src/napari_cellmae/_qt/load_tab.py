@@ -57,7 +57,8 @@ def _scan_task(folder: str, layout: str):
     return index
 
 
-def _read_task(index: pd.DataFrame, meta: dict[str, Any]):
+def read_field_task(index: pd.DataFrame, meta: dict[str, Any]):
+    """Task for TaskRunner: read the field ``meta`` names from ``index``; returns (meta, image)."""
     from ..plates import read_field
 
     yield Progress(0, 1, f"reading {meta['Metadata_Well']} site {meta['Metadata_Site']}")
@@ -213,7 +214,7 @@ class LoadTab(QWidget):
         if timepoint is not None:
             meta["Metadata_Timepoint"] = int(timepoint)
         return self.panel.runner.start(
-            _read_task,
+            read_field_task,
             self.index,
             meta,
             description=f"open {well} site {site}",

@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..progress import Progress
+from .load_tab import read_field_task
 from .main_panel import MainPanel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,21 +100,6 @@ def metrics_only_features(result: QCResult) -> np.ndarray:
     x[~ok] = np.nan
     groups = list(zip(images["Metadata_Plate"], images["Metadata_Channel"]))
     return with_relative(x, spec, groups, ok)
-
-
-def _read_task(index: pd.DataFrame, meta: dict[str, Any]):
-    from ..plates import read_field
-
-    yield Progress(0, 1, f"reading {meta['Metadata_Well']} site {meta['Metadata_Site']}")
-    image = read_field(
-        index,
-        meta["Metadata_Well"],
-        meta["Metadata_Site"],
-        plate=meta.get("Metadata_Plate"),
-        plane=meta.get("Metadata_Plane"),
-        timepoint=meta.get("Metadata_Timepoint"),
-    )
-    return meta, image
 
 
 def _export_task(result: QCResult, images, fields, out: str, mirror: str | None, mode: str):
@@ -503,7 +489,7 @@ class QCTab(QWidget):
         meta = {k: (rec[k].item() if hasattr(rec[k], "item") else rec[k]) for k in self._keys}
         self._highlight = str(rec.get("QC_Channel") or "") or None
         return self.panel.runner.start(
-            _read_task,
+            read_field_task,
             self.result.index,
             meta,
             description=f"open {meta['Metadata_Well']} site {meta['Metadata_Site']}",

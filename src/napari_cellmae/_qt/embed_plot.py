@@ -22,6 +22,16 @@ MARK = "#ffb000"
 PICK_RADIUS_PX = 8.0
 
 
+def dark_axes(ax) -> None:
+    """Style matplotlib axes like napari's dark theme (background, spines, ticks, labels)."""
+    ax.set_facecolor(BACKGROUND)
+    for side in ax.spines.values():
+        side.set_color(FOREGROUND)
+    ax.tick_params(colors=FOREGROUND, labelsize=8)
+    for text in (ax.xaxis.label, ax.yaxis.label, ax.title):
+        text.set_color(FOREGROUND)
+
+
 class EmbeddingPlot(QWidget):
     """One point per field; ``point_clicked(index)`` when a point is clicked (within
     :data:`PICK_RADIUS_PX` pixels), :meth:`mark` rings one point."""
@@ -46,18 +56,8 @@ class EmbeddingPlot(QWidget):
         layout.setContentsMargins(2, 2, 2, 2)
         layout.addWidget(self.canvas, 1)
         layout.addWidget(self.caption)
-        self._style()
+        dark_axes(self.ax)
         self.canvas.mpl_connect("button_press_event", self._pressed)
-
-    def _style(self) -> None:
-        ax = self.ax
-        ax.set_facecolor(BACKGROUND)
-        for side in ax.spines.values():
-            side.set_color(FOREGROUND)
-        ax.tick_params(colors=FOREGROUND, labelsize=8)
-        ax.xaxis.label.set_color(FOREGROUND)
-        ax.yaxis.label.set_color(FOREGROUND)
-        ax.title.set_color(FOREGROUND)
 
     def set_points(
         self,
@@ -73,7 +73,7 @@ class EmbeddingPlot(QWidget):
         self.labels = [str(label) for label in labels]
         self.marked = None
         self.ax.clear()
-        self._style()
+        dark_axes(self.ax)
         style = {"c": POINT} if values is None else {"c": values, "cmap": "viridis"}
         self._points = self.ax.scatter(self.coords[:, 0], self.coords[:, 1], s=22, lw=0, **style)
         (self._ring,) = self.ax.plot(

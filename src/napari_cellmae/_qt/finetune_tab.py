@@ -45,6 +45,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..progress import Progress
+from .embed_plot import BACKGROUND, FOREGROUND, MARK, POINT, dark_axes
 from .main_panel import MainPanel
 from .pickers import ModelPicker
 from .worker import TaskRunner
@@ -52,7 +53,6 @@ from .worker import TaskRunner
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-BACKGROUND, FOREGROUND = "#262930", "#d1d2d4"  # napari dark theme
 STOP_TIMEOUT_S = 120  # how long Cancel waits for the child's checkpoint before terminating it
 
 
@@ -120,16 +120,11 @@ class LossPlot(QWidget):
         self.ax = self.figure.add_subplot()
         self.train_points: list[tuple[int, float]] = []
         self.val_points: list[tuple[int, float]] = []
-        (self.train_line,) = self.ax.plot([], [], color="#7fb6e6", lw=1, label="train")
-        (self.val_line,) = self.ax.plot([], [], "o-", color="#ffb000", label="validation")
+        (self.train_line,) = self.ax.plot([], [], color=POINT, lw=1, label="train")
+        (self.val_line,) = self.ax.plot([], [], "o-", color=MARK, label="validation")
         self.ax.set_xlabel("step")
         self.ax.set_ylabel("masked MSE")
-        self.ax.set_facecolor(BACKGROUND)
-        for side in self.ax.spines.values():
-            side.set_color(FOREGROUND)
-        self.ax.tick_params(colors=FOREGROUND, labelsize=8)
-        for label in (self.ax.xaxis.label, self.ax.yaxis.label):
-            label.set_color(FOREGROUND)
+        dark_axes(self.ax)
         self.ax.legend(fontsize=7, facecolor=BACKGROUND, labelcolor=FOREGROUND)
         self._drawn = 0.0
         # a throttled redraw is not dropped: the latest points are drawn when the window ends

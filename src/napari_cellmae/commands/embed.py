@@ -32,7 +32,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ._options import add_inference, add_layout
 
@@ -97,11 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..embed import EmbedConfig, embed_plates
     from ..executors import open_executor
     from ..progress import run as drive
+    from ._progress import progress_bar
     from ._scale_out import executor_config, pending_message, say, shard
 
     config = EmbedConfig(
@@ -118,18 +116,8 @@ def run(args: argparse.Namespace) -> int:
         prefetch=args.prefetch,
     )
     scale, part = executor_config(args), shard(args)
-    with (
-        tqdm(desc="embed", unit="field", file=sys.stderr, dynamic_ncols=True) as bar,
-        open_executor(scale, config.device, log=say) as executor,
-    ):
-
-        def show(event) -> None:
-            if event.total is not None and bar.total != event.total:
-                bar.reset(total=event.total)
-            bar.n = event.done
-            bar.set_postfix_str(event.message, refresh=False)
-            bar.refresh()
-
+    bar, show = progress_bar("embed", "field")
+    with bar, open_executor(scale, config.device, log=say) as executor:
         run_ = embed_plates(
             args.plates,
             args.out,

@@ -281,16 +281,12 @@ def _emitter(as_json: bool, main: bool) -> tuple[Any, Any]:
             )
 
         return on_progress, say
-    from tqdm import tqdm
+    from ._progress import progress_bar
 
-    bar = tqdm(desc="finetune", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar, update = progress_bar("finetune", "step")
 
     def on_progress(event: Any) -> None:
-        if event.total is not None and bar.total != event.total:
-            bar.total = event.total
-        bar.n = event.done
-        bar.set_postfix_str(event.message, refresh=False)
-        bar.refresh()
+        update(event)
         if isinstance(event.payload, dict) and event.payload.get("kind") in (
             "start",
             "epoch",

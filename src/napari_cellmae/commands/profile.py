@@ -26,7 +26,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import sys
 
 HELP = "align embeddings on controls, relate perturbations, report model vs baseline metrics"
 
@@ -86,22 +85,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..profiling import profile_report
     from ..progress import run as drive
 
     if args.pairs and args.relationship_column:
         raise ValueError("give either --pairs or --relationship-column, not both")
-    with tqdm(desc="profile", file=sys.stderr, dynamic_ncols=True) as bar:
+    from ._progress import progress_bar
 
-        def show(event) -> None:
-            if event.total is not None and bar.total != event.total:
-                bar.reset(total=event.total)
-            bar.n = event.done
-            bar.set_postfix_str(event.message, refresh=False)
-            bar.refresh()
-
+    bar, show = progress_bar("profile")
+    with bar:
         report = drive(
             profile_report(
                 args.emb_dir,

@@ -28,10 +28,10 @@ examples:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ._options import add_batch_size, add_device, add_layout, add_model
+from ._progress import progress_bar
 
 HELP = "artefact QC of a plate folder: flags, reasons, passing list, mirror"
 
@@ -99,21 +99,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_scale_out_arguments(parser, "well")
 
 
-def _progress_bar(desc: str):
-    from tqdm import tqdm
-
-    bar = tqdm(desc=desc, unit="field", dynamic_ncols=True, file=sys.stderr)
-
-    def update(event) -> None:
-        if event.total is not None and bar.total != event.total:
-            bar.total = event.total
-        bar.n = event.done
-        bar.set_postfix_str(event.message[:40], refresh=False)
-        bar.refresh()
-
-    return bar, update
-
-
 def _load_model(args: argparse.Namespace, required: bool, executor=None):
     """(model or None, notice): the bundled default may be missing until it is trained. With an
     executor whose workers are elsewhere, this process may load it on the CPU (they use
@@ -173,7 +158,7 @@ def _run_plate(args: argparse.Namespace, scale, part, executor) -> int:
         if args.classic_only:
             raise ValueError("--train-from-plate trains a head: leave out --classic-only.")
         model, _ = _load_model(args, required=True)
-        bar, update = _progress_bar("training QC head")
+        bar, update = progress_bar("training QC head", "field", postfix=40)
         with bar:
             head = drive(
                 train_head_from_plate(
@@ -197,7 +182,7 @@ def _run_plate(args: argparse.Namespace, scale, part, executor) -> int:
 
     from ..qc.run import run_qc
 
-    bar, update = _progress_bar("QC")
+    bar, update = progress_bar("QC", "field", postfix=40)
     with bar:
         result = drive(
             run_qc(

@@ -156,8 +156,6 @@ def _plate_field(index: Any, image: Any, plate: str, well: str, site: int) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .. import load_model
     from ..plates.channels import save_channel_map
     from ..progress import run as drive
@@ -178,13 +176,10 @@ def run(args: argparse.Namespace) -> int:
         f"({model.precision})",
         file=sys.stderr,
     )
-    with tqdm(total=None, unit="tile", desc="reconstruct", file=sys.stderr) as bar:
+    from ._progress import progress_bar
 
-        def show(event: Any) -> None:
-            bar.total = event.total
-            bar.n = event.done
-            bar.refresh()
-
+    bar, show = progress_bar("reconstruct", "tile", postfix=0)
+    with bar:
         result = drive(
             reconstruct_field(
                 model,

@@ -174,6 +174,21 @@ def test_save_load_round_trip_safetensors(tiny_model, imgs, tmp_path):
     assert load_model(folder / hub.WEIGHTS, device="cpu").name == "t"
 
 
+def test_embedding_defaults_are_saved_and_loaded(tiny_model, tmp_path):
+    assert (tiny_model.default_pooling, tiny_model.default_normalization) == ("mean", "crop")
+    tiny_model.default_pooling, tiny_model.default_normalization = "channelwise", "plate"
+    folder = save_model(tiny_model, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    assert (cfg["default_pooling"], cfg["default_normalization"]) == ("channelwise", "plate")
+    assert "channelwise pooling, plate normalisation" in (folder / "README.md").read_text()
+    loaded = load_model(folder, device="cpu")
+    assert (loaded.default_pooling, loaded.default_normalization) == ("channelwise", "plate")
+    cfg["default_normalization"] = "per-image"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="default_normalization must be one of"):
+        load_model(folder, device="cpu")
+
+
 @pytest.mark.parametrize("kind", ["wrapped", "bare", "legacy"])
 def test_round_trip_with_torch_pickle_weights(tiny_model, imgs, tmp_path, kind):
     folder = save_model(tiny_model, tmp_path / "m")

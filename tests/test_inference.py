@@ -99,6 +99,51 @@ def test_embed_field_tiles_a_1000_field(model):
     assert np.isfinite(small_vec).all()
 
 
+def test_plate_normalisation_keeps_brightness_that_the_crop_norm_removes(model):
+    from napari_cellmae.synthetic import make_field
+
+    field = make_field(3, 512, seed=5).astype(np.float32)
+    brighter = field.copy()
+    brighter[1] *= 2  # a stain twice as bright
+    # crop normalisation: blind to it
+    crop = model.embed_field(field, normalization="crop")
+    np.testing.assert_allclose(model.embed_field(brighter, normalization="crop"), crop, atol=1e-4)
+    # plate normalisation with the plate's reference: sees it
+    ref = model.plate_reference([field, make_field(3, 512, seed=6)])
+    assert ref.shape == (3, 2) and (ref[:, 1] > 0).all()
+    a, b = model.embed_field(field, reference=ref), model.embed_field(brighter, reference=ref)
+    assert np.linalg.norm(a - b) > 0.1 * np.linalg.norm(a - crop)
+    # the same reference is what embed() applies to every crop
+    crops, _ = model.field_crops(field)
+    np.testing.assert_allclose(model.embed(crops, reference=ref).mean(0), a, atol=1e-5)
+    # the reference is the median crop mean and std per channel
+    stats = model.crop_statistics(crops)
+    np.testing.assert_allclose(model.plate_reference([field]), np.median(stats, 0))
+    assert np.allclose(stats[0, :, 0], crops[0].reshape(3, -1).mean(1), rtol=1e-5)
+    # "plate" without a reference: the field's own (a plate of one field)
+    np.testing.assert_allclose(
+        model.embed_field(field, normalization="plate"),
+        model.embed_field(field, reference=model.plate_reference([field])),
+        atol=1e-6,
+    )
+
+
+def test_plate_normalisation_errors_name_the_fix(model):
+    field = np.random.default_rng(2).random((3, 256, 256), dtype=np.float32)
+    with pytest.raises(ValueError, match="Unknown normalization 'instance'"):
+        model.embed_field(field, normalization="instance")
+    with pytest.raises(ValueError, match=r"expected \(3, 2\)"):
+        model.embed_field(field, reference=np.ones((2, 2)))
+    with pytest.raises(ValueError, match="positive standard deviations"):
+        model.embed_field(field, reference=np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="different channel counts"):
+        model.plate_reference([field, field[:2]])
+    with pytest.raises(ValueError, match="finite pixels"):
+        model.plate_reference([np.full((3, 256, 256), np.nan, np.float32)])
+    with pytest.raises(ValueError, match="default_normalization must be one of"):
+        CellMAEModel(model.module, "cpu", default_normalization="instance")
+
+
 def test_embed_field_on_a_real_image(model, real_data):
     import tifffile
 

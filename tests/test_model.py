@@ -136,6 +136,25 @@ def test_standardize_instance_norm():
     torch.testing.assert_close(x16[0], x[0], atol=2e-3, rtol=1e-3)
 
 
+def test_standardize_with_a_plate_reference():
+    img = torch.rand(2, 3, 16, 16) * 1000
+    reference = torch.tensor([[[100.0, 50.0], [0.0, 2.0], [10.0, 0.0]]])  # (1, C, 2)
+    x, mean, std = standardize(img, 1e-4, reference)
+    torch.testing.assert_close(x[:, 0], (img[:, 0] - 100) / 50)
+    torch.testing.assert_close(x[:, 1], img[:, 1] / 2)
+    torch.testing.assert_close(x[:, 2], (img[:, 2] - 10) / 1e-2)  # std kept >= sqrt(eps)
+    torch.testing.assert_close(x * std + mean, img, rtol=1e-5, atol=1e-3)
+    # a brighter image stays brighter (the instance norm would make them equal)
+    bright, _, _ = standardize(img * 2, 1e-4, reference)
+    assert (bright[:, 0].mean() - x[:, 0].mean()) > 1
+    # uint8 input: the reference is in the input's units
+    u8 = torch.full((1, 1, 4, 4), 200, dtype=torch.uint8)
+    x8, _, _ = standardize(u8, reference=torch.tensor([[[100.0, 50.0]]]))
+    torch.testing.assert_close(x8, torch.full((1, 1, 4, 4), 2.0))
+    with pytest.raises(ValueError, match=r"reference must be \(N or 1, C=3, 2\)"):
+        standardize(img, reference=torch.zeros(1, 2, 2))
+
+
 def test_random_masking_semantics():
     module = create_model("cellmae_vit_test_patch16_256")
     x = torch.randn(3, 2 * 256, 8)

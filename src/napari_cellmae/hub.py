@@ -316,6 +316,7 @@ def load_model(
             checksum=checksum,
             default_block=cfg.get("best_block"),
             default_pooling=cfg.get("default_pooling", "mean"),
+            default_normalization=cfg.get("default_normalization", "crop"),
             channel_names=cfg.get("channel_names"),
             attribution=attribution,
             metadata=meta,
@@ -348,7 +349,8 @@ def save_model(
     folder : path
     metadata : dict, optional
         Stored at the top level of config.json: e.g. "name", "description", "best_block" (the
-        default block for embedding), "channel_names", "default_pooling", "training" (anything
+        default block for embedding), "channel_names", "default_pooling", "default_normalization"
+        ("crop" or "plate", see :meth:`CellMAEModel.plate_reference`), "training" (anything
         JSON-serialisable), "attribution".
     dtype : torch.dtype or {"float16", "bfloat16", "float32"}, optional
         Storage dtype of the learned tensors (fixed position tables stay float32; computation is
@@ -365,6 +367,10 @@ def save_model(
             meta["channel_names"] = model.channel_names
         if model.default_block is not None:
             meta["best_block"] = model.default_block
+        if model.default_pooling != "mean":
+            meta["default_pooling"] = model.default_pooling
+        if model.default_normalization != "crop":
+            meta["default_normalization"] = model.default_normalization
         meta["derived_from"] = {"source": model.source, "checksum": model.checksum}
     meta.update(metadata or {})
     clash = sorted(_RESERVED & set(meta))
@@ -449,6 +455,11 @@ def model_card(module: CellMAE, config: dict[str, Any]) -> str:
     ]
     if config.get("best_block"):
         lines.append(f"| default embedding block | {config['best_block']} |")
+    if config.get("default_pooling") or config.get("default_normalization"):
+        lines.append(
+            f"| default embedding | {config.get('default_pooling', 'mean')} pooling, "
+            f"{config.get('default_normalization', 'crop')} normalisation |"
+        )
     if config.get("channel_names"):
         lines.append(f"| channels | {', '.join(map(str, config['channel_names']))} |")
     lines += [

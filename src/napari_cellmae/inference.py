@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,9 @@ from .model import CellMAE, CellMAEConfig, standardize
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "channelwise", "cls")
+# input normalisation of embeddings: "crop" = each crop and channel standardised by itself (the
+# MAE's training input, OpenPhenom's); "plate" = by typical statistics of the plate's crops
+NORMALIZATIONS = ("crop", "plate")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -109,7 +112,9 @@ class CellMAEModel:
     ----------
     module, config, name, source, checksum, device, patch_size, embed_dim, depth, max_channels,
     decoder_channels (None = any count), default_block (block used when ``block=None``; None =
-    last), default_pooling, channel_names, attribution, metadata, autocast_dtype.
+    last), default_pooling, default_normalization (how :meth:`embed_field` and the plate
+    pipeline normalise inputs: "crop" or "plate", see :meth:`plate_reference`), channel_names,
+    attribution, metadata, autocast_dtype.
     """
 
     def __init__(
@@ -123,6 +128,7 @@ class CellMAEModel:
         checksum: str | None = None,
         default_block: int | None = None,
         default_pooling: str = "mean",
+        default_normalization: str = "crop",
         channel_names: list[str] | None = None,
         attribution: str = "",
         metadata: dict[str, Any] | None = None,
@@ -145,6 +151,12 @@ class CellMAEModel:
         if default_pooling not in POOLINGS:
             raise ValueError(f"default_pooling must be one of {POOLINGS}, got {default_pooling!r}")
         self.default_pooling = default_pooling
+        if default_normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"default_normalization must be one of {NORMALIZATIONS}, got "
+                f"{default_normalization!r}"
+            )
+        self.default_normalization = default_normalization
         self.channel_names = list(channel_names) if channel_names else None
         self.attribution = attribution
         self.metadata = dict(metadata or {})
@@ -241,11 +253,15 @@ class CellMAEModel:
 
     # -- embedding ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, block: int | None = None, reference: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Torch-level: raw images (N, C, H, W) on the model's device -> tokens (N, 1+C·L, D)
-        float32 after ``block`` (None = ``default_block`` or the last), no final norm."""
+        float32 after ``block`` (None = ``default_block`` or the last), no final norm.
+        ``reference`` (N or 1, C, 2): normalise by these statistics instead of each crop's own
+        (see :func:`~napari_cellmae.model.standardize`)."""
         with self._autocast():
-            x, _, _ = standardize(images, self.config.input_eps)
+            x, _, _ = standardize(images, self.config.input_eps, reference)
             tokens = self.module.forward_features(
                 x, block=self.default_block if block is None else block
             )
@@ -257,6 +273,7 @@ class CellMAEModel:
         pooling: str | None = None,
         block: int | None = None,
         batch_size: int | None = None,
+        reference: Any = None,
     ) -> np.ndarray:
         """Embed crops.
 
@@ -272,6 +289,10 @@ class CellMAEModel:
             1-based encoder block whose tokens are pooled; default ``default_block`` or the last.
         batch_size : int, optional
             Crops per pass (default by device; halved automatically on out-of-memory).
+        reference : array-like, optional
+            (C, 2) or (N, C, 2) mean and standard deviation per channel, in the images' units
+            (from :meth:`plate_reference`): every crop is normalised by these instead of its own
+            statistics (plate normalisation). None (default): each crop by its own.
 
         Returns
         -------
@@ -283,9 +304,11 @@ class CellMAEModel:
         if pooling not in POOLINGS:
             raise ValueError(f"Unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}.")
         channels = arr.shape[1]
+        ref = self._check_reference(reference, arr.shape[:2])
 
         def run(sl: slice) -> np.ndarray:
-            tokens = self.encode(self._to_tensor(arr[sl]), block=block)
+            part = None if ref is None else ref[sl] if len(ref) > 1 else ref
+            tokens = self.encode(self._to_tensor(arr[sl]), block=block, reference=part)
             return pool_tokens(tokens, channels, pooling).cpu().numpy()
 
         width = self.embed_dim * (channels if pooling == "channelwise" else 1)
@@ -299,6 +322,8 @@ class CellMAEModel:
         pooling: str | None = None,
         block: int | None = None,
         batch_size: int | None = None,
+        normalization: str | None = None,
+        reference: Any = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Embed a whole field of any size: tile it into 256×256 crops and average their vectors.
 
@@ -316,6 +341,13 @@ class CellMAEModel:
             Also return the per-crop vectors and their positions.
         pooling, block, batch_size
             As in :meth:`embed`.
+        normalization : {"crop", "plate"}, optional
+            Default: the model's ``default_normalization``. "crop": each crop and channel
+            standardised by itself (blind to how bright the field is). "plate": every crop by
+            ``reference`` (a :meth:`plate_reference` of the field's plate, so that a brighter
+            stain stays brighter); without one, the field's own reference.
+        reference : array-like, optional
+            (C, 2) from :meth:`plate_reference`; given, it implies "plate".
 
         Returns
         -------
@@ -324,9 +356,87 @@ class CellMAEModel:
             ``positions`` (n, 2) int (y, x) of each crop's top-left corner.
         """
         crops, positions = self.field_crops(field)
-        emb = self.embed(crops, pooling=pooling, block=block, batch_size=batch_size)
+        normalization = self._normalization(normalization, reference)
+        if normalization == "plate" and reference is None:
+            self.check_images(crops)
+            reference = np.median(self.crop_statistics(crops), axis=0)  # the field's own
+        elif normalization == "crop":
+            reference = None
+        emb = self.embed(
+            crops, pooling=pooling, block=block, batch_size=batch_size, reference=reference
+        )
         vector = emb.mean(axis=0).astype(np.float32)
         return (vector, emb, positions) if return_crops else vector
+
+    # -- normalisation --------------------------------------------------------------------------
+    def _normalization(self, normalization: str | None, reference: Any = None) -> str:
+        if normalization is None:
+            return "plate" if reference is not None else self.default_normalization
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"Unknown normalization {normalization!r}: use one of {', '.join(NORMALIZATIONS)}."
+            )
+        return normalization
+
+    def _check_reference(self, reference: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """(C, 2) or (N, C, 2) -> float32 tensor (1 or N, C, 2) on the device, checked."""
+        if reference is None:
+            return None
+        ref = np.asarray(reference, dtype=np.float32)
+        n, c = shape
+        if ref.ndim == 2:
+            ref = ref[None]
+        if ref.ndim != 3 or ref.shape[1:] != (c, 2) or len(ref) not in (1, n):
+            raise ValueError(
+                f"reference has shape {np.asarray(reference).shape}: expected ({c}, 2) or "
+                f"({n}, {c}, 2), a mean and a standard deviation per channel "
+                "(use model.plate_reference(fields))"
+            )
+        if not np.isfinite(ref).all() or (ref[..., 1] <= 0).any():
+            raise ValueError(
+                "reference must hold finite means and positive standard deviations; compute it "
+                "with model.plate_reference(fields) from fields that are not empty"
+            )
+        return torch.from_numpy(ref).to(self.device)
+
+    def crop_statistics(self, crops: np.ndarray) -> np.ndarray:
+        """Per crop and channel mean and standard deviation, in the crops' own units:
+        (n, C, 256, 256) -> (n, C, 2) float64 (what :func:`standardize` divides by)."""
+        x = torch.from_numpy(np.ascontiguousarray(crops))
+        _, mean, std = standardize(x, self.config.input_eps)
+        return torch.stack([mean[..., 0, 0], std[..., 0, 0]], dim=-1).double().numpy()
+
+    def plate_reference(self, fields: Iterable[Any]) -> np.ndarray:
+        """The plate normalisation reference: per channel, the median over every 256×256 crop
+        of ``fields`` (some fields of one plate, read by :func:`~napari_cellmae.read_field`) of
+        the crop's mean and of its standard deviation.
+
+        With it (``embed_field(field, reference=ref)``, or ``normalization="plate"`` in
+        :class:`~napari_cellmae.embed.EmbedConfig`) every crop of the plate is standardised by the
+        same typical statistics instead of its own, so that intensity phenotypes (a stain twice as
+        bright, more or larger cells) reach the model; the controls' alignment (TVN) then removes
+        what differs between plates. The median keeps a few odd wells (empty, saturated) from
+        moving it.
+
+        Returns
+        -------
+        np.ndarray
+            float64 (C, 2): mean, standard deviation per channel.
+        """
+        stats = [self.crop_statistics(self.field_crops(f)[0]) for f in fields]
+        channels = {s.shape[1] for s in stats}
+        if len(channels) > 1:
+            raise ValueError(
+                f"the fields have different channel counts {sorted(channels)}: a reference is "
+                "per channel of one plate; pass fields read with the same channels"
+            )
+        stats = np.concatenate(stats) if stats else np.zeros((0, 0, 2))
+        stats = stats[np.isfinite(stats).all(axis=(1, 2))]  # crops with NaN/inf pixels
+        if not len(stats):
+            raise ValueError(
+                "plate_reference needs at least one field of the plate with finite pixels"
+            )
+        return np.median(stats, axis=0)
 
     def field_crops(self, field: Any) -> tuple[np.ndarray, np.ndarray]:
         """(C, H, W) field -> (crops (n, C, 256, 256), positions (n, 2) (y, x)), after padding

@@ -149,8 +149,11 @@ PRESETS: dict[str, CellMAEConfig] = {
 # --------------------------------------------------------------------------------------------
 # Input standardisation and position tables
 # --------------------------------------------------------------------------------------------
-def standardize(imgs: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
-    """Per image, per channel instance norm (mean and biased variance over H×W, no affine).
+def standardize(
+    imgs: Tensor, eps: float = 1e-5, reference: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per image, per channel instance norm (mean and biased variance over H×W, no affine), or
+    the norm of a ``reference``.
 
     uint8 input is first divided by 255 (OpenPhenom's preprocessing); any other dtype is used as
     is (the norm makes any linear rescale irrelevant except for near-constant channels, which eps
@@ -162,17 +165,32 @@ def standardize(imgs: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor
         (N, C, H, W), any real dtype.
     eps : float
         Added to the variance.
+    reference : Tensor, optional
+        (N or 1, C, 2): a mean and a standard deviation per channel, in the input's own units,
+        used instead of each image's own (plate normalisation: every crop of a plate divided by
+        the same typical statistics, so that brighter or dimmer wells stay brighter or dimmer).
+        Standard deviations are kept at least ``sqrt(eps)``.
 
     Returns
     -------
     x, mean, std : Tensor
-        ``x`` (N, C, H, W) float32 standardised; ``mean`` and ``std`` (N, C, 1, 1) in the input's
-        own units, so that ``x * std + mean`` gives back the input intensity scale.
+        ``x`` (N, C, H, W) float32 standardised; ``mean`` and ``std`` (N or 1, C, 1, 1) in the
+        input's own units, so that ``x * std + mean`` gives back the input intensity scale.
     """
     scale = 255.0 if imgs.dtype == torch.uint8 else 1.0
     x = imgs.float() / scale
-    var, mean = torch.var_mean(x, dim=(-2, -1), correction=0, keepdim=True)  # (N, C, 1, 1)
-    std = torch.sqrt(var + eps)
+    if reference is None:
+        var, mean = torch.var_mean(x, dim=(-2, -1), correction=0, keepdim=True)  # (N, C, 1, 1)
+        std = torch.sqrt(var + eps)
+    else:
+        ref = reference.to(device=x.device, dtype=torch.float32)
+        if ref.ndim != 3 or ref.shape[-1] != 2 or ref.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"reference must be (N or 1, C={x.shape[1]}, 2) (mean, std per channel), got "
+                f"shape {tuple(ref.shape)}"
+            )
+        mean = ref[..., 0, None, None] / scale
+        std = torch.clamp(ref[..., 1, None, None] / scale, min=eps**0.5)
     return (x - mean) / std, mean * scale, std * scale
 
 

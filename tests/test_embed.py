@@ -17,6 +17,7 @@ from napari_cellmae.embed import (
     embed_plates,
     embed_well,
     embedding_columns,
+    recorded_reference,
     well_dir,
     write_well,
 )
@@ -196,10 +197,10 @@ def test_a_failing_well_task_is_recorded_and_retried(plate, model, tmp_path, mon
 
     real = embed_module.embed_well
 
-    def flaky(model_, rows, config):
+    def flaky(model_, rows, config, references=None):
         if rows["Metadata_Well"].iloc[0] == "A02":
             raise OSError("disk full")
-        return real(model_, rows, config)
+        return real(model_, rows, config, references)
 
     monkeypatch.setattr(embed_module, "embed_well", flaky)
     with ThreadPoolExecutor(2) as pool:
@@ -247,11 +248,71 @@ def test_channels_pooling_and_levels_options(plate, model, tmp_path):
     assert not (tmp_path / "crops.parquet").exists()
 
 
+def test_plate_normalisation_reference_is_saved_used_and_reused(plate, model, tmp_path):
+    import napari_cellmae.embed as embed_module
+    from napari_cellmae.plates import read_field, scan_plate
+
+    config = EmbedConfig(batch_size=3, precision="fp32", normalization="plate", prefetch=2)
+    run(embed_plates([plate], tmp_path / "out", config, model=model))
+    record = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert record["normalization"] == "plate"
+    ref = recorded_reference(record, "SYNTH-P1")  # (3 channels, 2)
+    assert ref.shape == (3, 2) and recorded_reference(record, "other plate") is None
+    index = scan_plate(plate)
+    fields = [read_field(index, well=w, site=s) for w in ("A01", "A02", "A03") for s in (1, 2)]
+    np.testing.assert_allclose(ref, model.plate_reference(fields), rtol=1e-6)  # all 6 < 24
+    # every field is embedded with its plate's reference
+    table = _sorted(pd.read_parquet(tmp_path / "out" / "fields.parquet"))
+    got = table[embedding_columns(table)].to_numpy()
+    want = np.stack([model.embed_field(f, reference=ref) for f in fields])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    crop = _sorted(pd.read_parquet(tmp_path / "out" / "fields.parquet"))
+    # a thread executor gives the same tables
+    with ThreadPoolExecutor(2) as pool:
+        run(embed_plates([plate], tmp_path / "threads", config, model=model, executor=pool))
+    threads = _sorted(pd.read_parquet(tmp_path / "threads" / "fields.parquet"))
+    np.testing.assert_allclose(threads[embedding_columns(threads)].to_numpy(), got, atol=1e-5)
+    # resuming reads the saved reference instead of recomputing it
+    import shutil
+
+    shutil.rmtree(well_dir(tmp_path / "out", "SYNTH-P1", "A02"))
+    (tmp_path / "out" / "fields.parquet").unlink()
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("the reference was computed again")
+
+    original = embed_module.plate_references
+    embed_module.plate_references = no_reads
+    try:
+        again = run(embed_plates([plate], tmp_path / "out", config, model=model))
+    finally:
+        embed_module.plate_references = original
+    assert (again.n_wells, again.n_wells_skipped) == (3, 2)
+    resumed = _sorted(pd.read_parquet(tmp_path / "out" / "fields.parquet"))
+    np.testing.assert_allclose(resumed[embedding_columns(resumed)].to_numpy(), got, atol=1e-5)
+    # "crop" into the same folder is refused; a "crop" run differs
+    with pytest.raises(ValueError, match="normalization 'plate' \\(now 'crop'\\)"):
+        run(embed_plates([plate], tmp_path / "out", replace_norm(config, "crop"), model=model))
+    run(embed_plates([plate], tmp_path / "crop", replace_norm(config, "crop"), model=model))
+    crop = _sorted(pd.read_parquet(tmp_path / "crop" / "fields.parquet"))
+    assert json.loads((tmp_path / "crop" / "config.json").read_text())["normalization"] == "crop"
+    assert "plate_reference" not in json.loads((tmp_path / "crop" / "config.json").read_text())
+    assert np.abs(crop[embedding_columns(crop)].to_numpy() - got).max() > 1e-3
+
+
+def replace_norm(config: EmbedConfig, normalization: str) -> EmbedConfig:
+    from dataclasses import replace
+
+    return replace(config, normalization=normalization)
+
+
 def test_config_errors_name_the_fix():
     with pytest.raises(ValueError, match="pooling 'max' is unknown"):
         EmbedConfig(pooling="max")
     with pytest.raises(ValueError, match="block must be >= 1"):
         EmbedConfig(block=0)
+    with pytest.raises(ValueError, match="normalization 'self' is unknown"):
+        EmbedConfig(normalization="self")
     with pytest.raises(ValueError, match="subset of"):
         EmbedConfig(levels=("plate",))
 
@@ -277,6 +338,10 @@ def test_cli_in_process_and_resume(plate, test_model_dir, tmp_path, capsys):
         "--block",
         "1",
     ]
+    assert main([*argv[:5], str(tmp_path / "plate-norm"), "--normalization", "plate"]) == 0
+    plate_run = json.loads((tmp_path / "plate-norm" / "config.json").read_text())
+    assert plate_run["normalization"] == "plate" and len(plate_run["plate_reference"]) == 1
+    capsys.readouterr()
     assert main(argv) == 0
     printed = capsys.readouterr()
     assert "embedded 6 fields (24 crops) in 3 wells; 0 field(s) failed" in printed.out

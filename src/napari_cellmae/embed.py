@@ -22,7 +22,15 @@ gathered, one at a time (:mod:`napari_cellmae.embed_store` keeps the folder layo
 - ``wells.parquet``    Metadata_Plate/Well/Row/Col + Metadata_NFields + emb_* (+ ``wells.csv``)
 - ``features.parquet`` per-field baseline statistics feat_*
 - ``errors.parquet``   fields that could not be read or embedded (+ ``errors.csv``)
-- ``config.json``      the run record: model name and checksum, channels, pooling, block, version
+- ``config.json``      the run record: model name and checksum, channels, pooling, block,
+  normalisation (with each plate's reference), version
+
+Normalisation ("crop" or "plate", default: the model's): with "plate", before embedding a plate
+the pipeline reads up to :data:`REFERENCE_FIELDS` fields spread over it and takes the
+median crop mean and standard deviation of each channel
+(:meth:`~napari_cellmae.inference.CellMAEModel.plate_reference`); every crop of that plate is
+then standardised by these, so that a stain that is brighter in some wells stays brighter for the
+model. The references are saved in ``config.json`` and reused when the run resumes.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ from .store import run_record, write_json_atomic
 __all__ = [
     "EMB_PREFIX",
     "LEVELS",
+    "NORMALIZATIONS",
     "POOLINGS",
     "TABLES",
     "EmbedConfig",
@@ -78,7 +87,9 @@ __all__ = [
     "embed_plates",
     "embed_well",
     "embedding_columns",
+    "plate_references",
     "read_table",
+    "recorded_reference",
     "run_well_task",
     "safe_name",
     "well_dir",
@@ -94,6 +105,8 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "channelwise", "cls")
+NORMALIZATIONS = ("crop", "plate")
+REFERENCE_FIELDS = 24  # fields per plate the "plate" normalisation reference is taken from
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,10 @@ class EmbedConfig:
         Token pooling (None = the model's default, "mean" unless its folder says otherwise).
     block : int, optional
         1-based encoder block (None = the model's best block, else the last).
+    normalization : {"crop", "plate"}, optional
+        Input normalisation (None = the model's ``default_normalization``): "crop" standardises
+        each crop and channel by itself (blind to brightness), "plate" by the plate's reference
+        statistics (see the module doc).
     batch_size : int, optional
         Crops per forward pass (None = by device: 4 on CPU, 64 on CUDA; halved on out-of-memory).
     device, precision : str, optional
@@ -127,6 +144,7 @@ class EmbedConfig:
     model: str | None = None
     pooling: str | None = None
     block: int | None = None
+    normalization: str | None = None
     batch_size: int | None = None
     device: str | None = None
     precision: str | None = None
@@ -142,6 +160,10 @@ class EmbedConfig:
         object.__setattr__(self, "levels", tuple(self.levels))
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"pooling {self.pooling!r} is unknown: use one of {POOLINGS}.")
+        if self.normalization is not None and self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization {self.normalization!r} is unknown: use one of {NORMALIZATIONS}."
+            )
         if self.block is not None and int(self.block) < 1:
             raise ValueError(f"block must be >= 1 (1-based), got {self.block}.")
         if self.batch_size is not None and int(self.batch_size) < 1:
@@ -242,11 +264,28 @@ def _prepared(
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _crop_references(
+    model: CellMAEModel, item: _Field, start: int, stop: int, references: dict[str, np.ndarray]
+) -> np.ndarray:
+    """(stop - start, C, 2) references for crops ``start:stop`` of ``item``: its plate's, or the
+    crops' own statistics when the plate has none (the same as "crop" normalisation)."""
+    ref = references.get(str(item.meta["Metadata_Plate"]))
+    if ref is None:
+        return model.crop_statistics(item.crops[start:stop])
+    return np.broadcast_to(np.asarray(ref), (stop - start, *np.shape(ref)))
+
+
 def _embed_stream(
-    model: CellMAEModel, items: Iterable[_Field], pooling: str, block: int | None, batch_size: int
+    model: CellMAEModel,
+    items: Iterable[_Field],
+    pooling: str,
+    block: int | None,
+    batch_size: int,
+    references: dict[str, np.ndarray] | None = None,
 ) -> Iterator[_Field]:
     """Embed the crops of a stream of fields in batches that span fields; yields every field (in
-    order) once all its crops are embedded."""
+    order) once all its crops are embedded. ``references``: {plate: (C, 2)} for the "plate"
+    normalisation (None: each crop by itself)."""
     queue: deque[_Field] = deque()
     segments: list[tuple[_Field, int, int]] = []  # (field, first crop, end) waiting for a batch
     n_waiting = 0
@@ -266,7 +305,15 @@ def _embed_stream(
             else:
                 segments[0] = (item, start + n, stop)
         batch = parts[0] if len(parts) == 1 else np.concatenate(parts)  # (count, C, 256, 256)
-        emb = model.embed(batch, pooling=pooling, block=block, batch_size=batch_size)
+        ref = None
+        if references is not None:  # (count, C, 2): each crop gets its plate's reference
+            ref = np.concatenate(
+                [
+                    _crop_references(model, item, start, stop, references)
+                    for item, start, stop in take
+                ]
+            )
+        emb = model.embed(batch, pooling=pooling, block=block, batch_size=batch_size, reference=ref)
         offset = 0
         for item, start, stop in take:
             if item.emb is None:
@@ -363,7 +410,10 @@ def well_tables(items: Sequence[_Field], width: int, levels: Sequence[str]) -> W
 
 
 def embed_well(
-    model: CellMAEModel, well_index: pd.DataFrame, config: EmbedConfig = EmbedConfig()
+    model: CellMAEModel,
+    well_index: pd.DataFrame,
+    config: EmbedConfig = EmbedConfig(),
+    references: dict[str, Any] | None = None,
 ) -> WellTables:
     """Embed every field of one well.
 
@@ -375,7 +425,10 @@ def embed_well(
         The rows of one well in a :func:`~napari_cellmae.plates.scan_plate` index (its ``attrs``
         give the channels).
     config : EmbedConfig
-        Pooling, block, batch size, channels, levels, statistics.
+        Pooling, block, normalisation, batch size, channels, levels, statistics.
+    references : dict, optional
+        {plate: (C, 2)} from :func:`plate_references` for the "plate" normalisation; without it
+        the reference is taken from this well's own fields.
 
     Returns
     -------
@@ -386,9 +439,12 @@ def embed_well(
 
     pooling = config.pooling or model.default_pooling
     bs = _batch_size(model, config)
+    if _normalization(model, config) == "plate" and references is None:
+        references = plate_references(model, [well_index], config)
+    refs = None if references is None else {k: np.asarray(v) for k, v in references.items()}
     results = iter_fields(well_index, prefetch=config.prefetch, channels=config.channels)
     items = (_prepare(model, r, config.features) for r in results)
-    done = list(_embed_stream(model, items, pooling, config.block, bs))
+    done = list(_embed_stream(model, items, pooling, config.block, bs, refs))
     n_channels = len(_channels([well_index], config)[0])
     return well_tables(done, _embedding_width(model, pooling, n_channels), config.levels)
 
@@ -397,6 +453,72 @@ def _batch_size(model: CellMAEModel, config: EmbedConfig) -> int:
     from .inference import default_batch_size
 
     return int(config.batch_size or default_batch_size(model.device))
+
+
+def _normalization(model: CellMAEModel, config: EmbedConfig) -> str:
+    return config.normalization or model.default_normalization
+
+
+def _task_references(references: dict[str, np.ndarray] | None, plate: str) -> dict | None:
+    """What a well task of ``plate`` carries: its plate's reference as lists (None: "crop")."""
+    if references is None:
+        return None
+    return {plate: references[plate].tolist()} if plate in references else {}
+
+
+def _saved_references(out: Path) -> dict[str, np.ndarray] | None:
+    """The plate references of the run being resumed in ``out`` (None: none saved)."""
+    import json
+
+    try:
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {p: recorded_reference(saved, p) for p in saved.get("plate_reference") or {}}
+
+
+def recorded_reference(record: dict[str, Any], plate: str) -> np.ndarray | None:
+    """The "plate" normalisation reference of ``plate`` in a run's ``config.json`` record:
+    (C, 2) mean, std per channel (None: not a "plate" run, or not that plate)."""
+    ref = (record.get("plate_reference") or {}).get(str(plate))
+    return None if ref is None else np.stack([ref["mean"], ref["std"]], axis=1)
+
+
+def plate_references(
+    model: CellMAEModel,
+    indexes: Sequence[pd.DataFrame],
+    config: EmbedConfig = EmbedConfig(),
+    n_fields: int = REFERENCE_FIELDS,
+) -> dict[str, np.ndarray]:
+    """The "plate" normalisation reference of every plate in ``indexes``: {plate: (C, 2)}.
+
+    Up to ``n_fields`` fields evenly spread over each plate's field list are read (with
+    ``config.channels``) and passed to ``model.plate_reference``
+    (:meth:`~napari_cellmae.inference.CellMAEModel.plate_reference`); unreadable or unusable
+    fields are passed over (the embedding run records them). A plate with no usable field gets
+    no reference (its crops are then standardised each by itself).
+    """
+    from .plates import iter_fields, list_fields
+
+    out: dict[str, np.ndarray] = {}
+    for index in indexes:
+        table = list_fields(index)
+        for plate, rows in table.groupby("Metadata_Plate", sort=False):
+            picks = np.unique(np.linspace(0, len(rows) - 1, min(n_fields, len(rows))).round())
+            sample = rows.iloc[picks.astype(int)]
+            results = iter_fields(
+                index, prefetch=config.prefetch, channels=config.channels, fields=sample
+            )
+            usable = (
+                image
+                for _, image, error in results
+                if error is None and min(image.shape[1:]) >= model.patch_size
+            )
+            try:
+                out[str(plate)] = model.plate_reference(usable)
+            except ValueError as exc:  # no usable field: none of them can be embedded anyway
+                logger.warning("plate %s: no plate normalisation reference (%s)", plate, exc)
+    return out
 
 
 # -- executor tasks (napari_cellmae.executors runs them anywhere) ---------------------------------
@@ -410,6 +532,7 @@ class WellTask:
     model_checksum: str
     model: Any = None  # the caller's model (threads); None = load config.model in the worker
     n_fields: int = 0  # for progress
+    references: dict[str, Any] | None = None  # {plate: (C, 2)} for the "plate" normalisation
 
 
 def _worker_model(config: EmbedConfig) -> CellMAEModel:
@@ -424,7 +547,7 @@ def run_well_task(task: WellTask) -> dict[str, Any]:
     meta = task.well_index.iloc[0]
     if task.path.is_dir():
         return {"plate": meta["Metadata_Plate"], "well": meta["Metadata_Well"], "skipped": True}
-    tables = embed_well(model, task.well_index, task.config)
+    tables = embed_well(model, task.well_index, task.config, task.references)
     write_well(tables, task.path)
     return {
         "plate": meta["Metadata_Plate"],
@@ -571,6 +694,7 @@ def embed_plates(
     if config.block is not None and config.block > model.depth:
         raise ValueError(f"block {config.block} is not in 1..{model.depth} for {model.name}.")
     pooling = config.pooling or model.default_pooling
+    normalization = _normalization(model, config)
     width = _embedding_width(model, pooling, n_channels)
     bs = _batch_size(model, config)
     first = indexes[0]
@@ -582,6 +706,7 @@ def embed_plates(
         attribution=model.attribution,
         pooling=pooling,
         block=int(config.block or model.default_block or model.depth),
+        normalization=normalization,
         precision=model.precision,
         channels=list(channel_ids[0]),
         channel_names=[names.get(c, c) for c in channel_ids[0]],
@@ -605,6 +730,17 @@ def embed_plates(
         batch_size=bs,
     )
     check_resume(out, record)
+    references = None
+    if normalization == "plate" and not assemble_only:
+        yield Progress(0, None, "plate normalisation: reading reference fields")
+        references = _saved_references(out) or {}
+        todo = [i for i in indexes if set(map(str, i["Metadata_Plate"].unique())) - set(references)]
+        if todo:
+            references |= plate_references(model, todo, config)
+        record["plate_reference"] = {
+            plate: {"mean": ref[:, 0].tolist(), "std": ref[:, 1].tolist()}
+            for plate, ref in references.items()
+        }
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", {**record, "status": "running"})
     save_channel_map(out, {c: names.get(c, c) for c in channel_ids[0]}, channel_ids[0])
@@ -631,7 +767,19 @@ def embed_plates(
         done = 0
         for index, fields, counts, _ in plans:
             yield from _run_serial(
-                model, index, fields, counts, out, config, pooling, bs, width, workers, done, total
+                model,
+                index,
+                fields,
+                counts,
+                out,
+                config,
+                pooling,
+                bs,
+                width,
+                workers,
+                done,
+                total,
+                references,
             )
             done += len(fields)
     else:
@@ -656,6 +804,7 @@ def embed_plates(
                         model_checksum=model.checksum,
                         model=model if share else None,
                         n_fields=counts[key],
+                        references=_task_references(references, key[0]),
                     )
                 )
         workers = set()
@@ -725,6 +874,7 @@ def _run_serial(
     workers: int,
     done: int,
     total: int,
+    references: dict[str, np.ndarray] | None = None,
 ):
     """Stream the pending fields of one plate index: read ahead, prepare, embed, write wells."""
     from .plates import iter_fields
@@ -733,7 +883,7 @@ def _run_serial(
         return
     results = iter_fields(index, prefetch=config.prefetch, channels=config.channels, fields=fields)
     prepared = _prepared(model, results, config.features, workers, ahead=max(1, config.prefetch))
-    stream = _embed_stream(model, prepared, pooling, config.block, bs)
+    stream = _embed_stream(model, prepared, pooling, config.block, bs, references)
     buckets: dict[tuple[str, str], list[_Field]] = {}
     try:
         for item in stream:

@@ -30,7 +30,16 @@ EMB_PREFIX = "emb_"
 LEVELS = ("crop", "field", "well")
 TABLES = ("crops", "fields", "wells", "features", "errors")
 # settings a resumed run must share with the run it continues
-FINGERPRINT = ("model_checksum", "pooling", "block", "channels", "precision", "levels", "features")
+FINGERPRINT = (
+    "model_checksum",
+    "pooling",
+    "block",
+    "normalization",
+    "channels",
+    "precision",
+    "levels",
+    "features",
+)
 
 
 # -- the per-well output folder --------------------------------------------------------------------

@@ -136,6 +136,32 @@ def test_embed_field_export_and_profile(panel, qtbot, tmp_path, screen, monkeypa
     assert "Profiling report" in text and "Replicate retrieval mAP" in text
 
 
+def test_plate_normalisation_from_the_tab_and_the_open_field_embedded_alike(
+    panel, qtbot, tmp_path, monkeypatch
+):
+    import json
+
+    from napari_cellmae.embed import embedding_columns
+
+    tab = panel.tabs["Embed"]
+    assert tab.normalization_combo.currentData() is None  # the model's default
+    tab.normalization_combo.setCurrentIndex(tab.normalization_combo.findData("plate"))
+    tab = _embed(panel, qtbot, tmp_path)
+    record = json.loads((tmp_path / "emb" / "config.json").read_text())
+    assert record["normalization"] == "plate" and "SCREEN-1" in record["plate_reference"]
+    # "Embed field" uses the plate's reference: the open field gets its row's vector
+    got = []
+    monkeypatch.setattr(tab, "_field_embedded", lambda value: got.append(value))
+    load = panel.tabs["Load"]
+    well = tab.table.at[3, "Metadata_Well"]
+    with qtbot.waitSignal(panel.runner.finished, timeout=10_000):
+        load.open_field(well, 1)
+    with qtbot.waitSignal(panel.runner.finished, timeout=10_000):
+        tab.embed_field_button.click()
+    (_, vector, _), row = got[0], tab.table.iloc[3]
+    np.testing.assert_allclose(vector, row[embedding_columns(tab.table)].to_numpy(float), atol=1e-5)
+
+
 def test_embed_widget_from_the_manifest(make_napari_viewer):
     viewer = make_napari_viewer()
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-cellmae", "Embed")

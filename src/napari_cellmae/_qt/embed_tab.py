@@ -95,7 +95,9 @@ def _embed_plate_task(panel: MainPanel, index: pd.DataFrame, out_dir: Path, conf
     return result, pd.read_parquet(result.tables["fields"])
 
 
-def _embed_field_task(panel: MainPanel, image: np.ndarray, meta: dict, config: Any):
+def _embed_field_task(
+    panel: MainPanel, image: np.ndarray, meta: dict, config: Any, reference: Any = None
+):
     yield Progress(0, 1, "loading model")
     model = panel.get_model()
     yield Progress(0, 1, f"embedding {meta.get('Metadata_Well')} site {meta.get('Metadata_Site')}")
@@ -105,6 +107,8 @@ def _embed_field_task(panel: MainPanel, image: np.ndarray, meta: dict, config: A
         pooling=config.pooling,
         block=config.block,
         batch_size=config.batch_size,
+        normalization=config.normalization,
+        reference=reference,
     )
     yield Progress(1, 1, "embedded")
     return meta, vector, len(crops)
@@ -132,6 +136,15 @@ class EmbedTab(QWidget):
         self.pooling_combo.addItem("model default", None)
         for name in ("mean", "channelwise", "cls"):
             self.pooling_combo.addItem(name, name)
+        self.normalization_combo = QComboBox()
+        self.normalization_combo.addItem("model default", None)
+        self.normalization_combo.addItem("plate (brightness kept)", "plate")
+        self.normalization_combo.addItem("crop (each crop by itself)", "crop")
+        self.normalization_combo.setToolTip(
+            "plate: every crop of a plate is standardised by the plate's typical crop mean and "
+            "standard deviation, so that a brighter stain stays brighter for the model; crop: "
+            "each crop and channel by itself (OpenPhenom's training input, blind to brightness)"
+        )
         self.block_spin = QSpinBox()
         self.block_spin.setRange(0, 48)
         self.block_spin.setSpecialValueText("model default")
@@ -168,6 +181,7 @@ class EmbedTab(QWidget):
 
         form = QFormLayout()
         form.addRow("Pooling", self.pooling_combo)
+        form.addRow("Normalisation", self.normalization_combo)
         form.addRow("Block", self.block_spin)
         form.addRow("Batch size", self.batch_spin)
         out_row = QHBoxLayout()
@@ -229,6 +243,7 @@ class EmbedTab(QWidget):
 
         return EmbedConfig(
             pooling=self.pooling_combo.currentData(),
+            normalization=self.normalization_combo.currentData(),
             block=self.block_spin.value() or None,
             batch_size=self.batch_spin.value() or None,
         )
@@ -314,9 +329,21 @@ class EmbedTab(QWidget):
             current["image"],
             current["metadata"],
             self.config(),
+            self._plate_reference(current["metadata"]),
             description="embed field",
             on_result=self._field_embedded,
         )
+
+    def _plate_reference(self, meta: dict) -> Any:
+        """The plate normalisation reference the embedded plate's fields were made with, so that
+        the open field is embedded the same way (None: not a "plate" run, or no plate yet)."""
+        from ..embed import recorded_reference
+
+        record = getattr(self.result, "config", None) or {}
+        wanted = self.normalization_combo.currentData()
+        if wanted not in (None, record.get("normalization")):
+            return None
+        return recorded_reference(record, str(meta.get("Metadata_Plate")))
 
     def _field_embedded(self, value: tuple[dict, np.ndarray, int]) -> None:
         meta, vector, n_crops = value

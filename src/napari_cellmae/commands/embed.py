@@ -7,12 +7,14 @@ background threads while the model computes; memory does not grow with the plate
 Writes into --out: crops.parquet, fields.parquet, wells.parquet (+ wells.csv), features.parquet
 (classic per-channel intensity/texture statistics, the baseline of `cellmae profile`),
 errors.parquet (+ errors.csv: fields that could not be read, with the reason), config.json (model
-name and checksum, channels, pooling, block, version) and channels.json. Feature columns are
-emb_0000…; metadata columns Metadata_Plate, Metadata_Well, Metadata_Site … as in pycytominer.
+name and checksum, channels, pooling, block, normalisation and each plate's reference, version)
+and channels.json. Feature columns are emb_0000…; metadata columns Metadata_Plate, Metadata_Well,
+Metadata_Site … as in pycytominer.
 
 Resumable: each well is written on its own as soon as it is done (OUT/<plate>/wells/<well>/);
 running the same command again skips finished wells, so an interrupted run (Ctrl-C, a killed job)
-continues where it stopped. A different model or pooling for an existing --out is refused.
+continues where it stopped. A different model, pooling or normalisation for an existing --out is
+refused.
 
 Whole screens: --executor threads|processes|dask hands one task per well to several workers
 (--local-workers N: one per GPU here; --scheduler ADDRESS: a running Dask cluster; --slurm-jobs N:
@@ -39,7 +41,7 @@ HELP = "embed plates: per-crop, per-field and per-well parquet tables (resumable
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --device, --precision, --batch-size, --block, --pooling."""
+    """--model, --device, --precision, --batch-size, --block, --pooling, --normalization."""
     model = add_inference(parser)
     model.add_argument(
         "--block",
@@ -55,6 +57,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("mean", "channelwise", "cls"),
         help="mean over all patch tokens (OpenPhenom's official embedding), channelwise "
         "(one mean per channel, C×D values) or the CLS token (default: the model's, mean)",
+    )
+    model.add_argument(
+        "--normalization",
+        default=None,
+        choices=("crop", "plate"),
+        help="input normalisation: crop = each 256×256 crop and channel standardised by itself "
+        "(OpenPhenom's; blind to brightness), plate = every crop of a plate by the median crop "
+        "statistics of up to 24 of its fields (brighter stains stay brighter; saved in "
+        "config.json) (default: the model's; the bundled model's is plate)",
     )
 
 
@@ -106,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         pooling=args.pooling,
         block=args.block,
+        normalization=args.normalization,
         batch_size=args.batch_size,
         device=None if args.device == "auto" else args.device,
         precision=args.precision,

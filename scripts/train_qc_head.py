@@ -112,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="encoder block of the embedding features (default: the model's default block); "
+        "the shipped head uses 4",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy CPU)"
     )
     args = parser.parse_args(argv)
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             model,
             groups=[plate_group(n) for n, _ in named],
             seed=args.seed,
+            block=args.block,
             batch_size=args.batch_size,
             training={
                 "sources": sources,

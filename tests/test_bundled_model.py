@@ -122,3 +122,5 @@ def test_the_shipped_qc_head_was_trained_on_the_bundled_model(model):
     head = QCHead.load()
     assert head.encoder["checksum"] == model.checksum, "run scripts/train_qc_head.py"
     assert head.matches(model)
+    # the block it reads is written down: changing the model's default block cannot change it
+    assert head.spec.block is not None and 1 <= head.spec.block <= model.depth

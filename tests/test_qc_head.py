@@ -85,6 +85,7 @@ def test_head_file_round_trip(head, model, tmp_path):
     assert meta["encoder"] == {"name": model.name, "checksum": model.checksum}
     assert meta["classes"] == list(CLASSES)
     assert meta["spec"]["embed_dim"] == model.embed_dim == head.spec.embed_dim
+    assert meta["spec"]["block"] == model.depth  # written down: the block its features came from
     assert meta["training"]["per_class"]["ok"] == 24
     again = QCHead.load(path)
     assert np.allclose(again.predict_proba(x), head.predict_proba(x))
@@ -96,6 +97,22 @@ def test_head_file_round_trip(head, model, tmp_path):
         QCHead.load(tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError, match="not found"):
         QCHead.load(tmp_path / "missing.npz")
+
+
+def test_a_head_keeps_its_block_when_the_model_default_changes(head, model, real_data):
+    from napari_cellmae.qc.head import spec_for
+
+    assert spec_for(None).block is None and spec_for(model, block=1).block == 1
+    image = _read(real_data / "transfluor-plate", "AS_09047_050428030001_O17f00d2.TIF")
+    before = head.predict_proba(image_features([image], head.spec, model))
+    old = model.default_block
+    model.default_block = 1  # e.g. a new block selection written into the model folder
+    try:
+        assert spec_for(model).block == 1
+        after = head.predict_proba(image_features([image], head.spec, model))
+    finally:
+        model.default_block = old
+    np.testing.assert_allclose(after, before)
 
 
 def test_checksum_mismatch_is_detected(head, model, tmp_path):

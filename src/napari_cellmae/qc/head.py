@@ -135,8 +135,13 @@ class FeatureSpec:
 
 
 def spec_for(model: Any = None, block: int | None = None, scale: int = 20) -> FeatureSpec:
-    """The default feature spec for ``model`` (None: metrics only)."""
-    return FeatureSpec(scale=scale, embed_dim=int(model.embed_dim) if model else 0, block=block)
+    """The default feature spec for ``model`` (None: metrics only). The encoder block is
+    written down (``block``, else the model's default block, else its last): a head keeps using
+    the block it was trained on when the model folder's default block changes later."""
+    if model is None:
+        return FeatureSpec(scale=scale, embed_dim=0, block=None)
+    block = int(block or model.default_block or model.depth)
+    return FeatureSpec(scale=scale, embed_dim=int(model.embed_dim), block=block)
 
 
 def with_relative(

@@ -157,14 +157,19 @@ SELECTION_SCREEN_SEED = 1  # the evaluation screen of benchmarks/eval_default_mo
 
 
 POOLING_CHOICES = ("mean", "channelwise")
+NORMALIZATIONS = ("crop", "plate")  # napari_cellmae.inference.NORMALIZATIONS
 
 
-def block_scores(model, folder: Path, seed: int, size: int = 512) -> dict[tuple[str, int], float]:
+def block_scores(
+    model, folder: Path, seed: int, size: int = 512
+) -> dict[tuple[str, str, int], float]:
     """Replicate retrieval mAP (TVN on controls) of every encoder block's embedding, pooled each
-    way of :data:`POOLING_CHOICES`, on a synthetic screen (written to ``folder``):
-    {(pooling, block (1-based)): mAP}."""
+    way of :data:`POOLING_CHOICES`, with each input normalisation of :data:`NORMALIZATIONS`
+    ("plate": the pipeline's plate references), on a synthetic screen (written to ``folder``):
+    {(normalisation, pooling, block (1-based)): mAP}."""
     import torch
 
+    from napari_cellmae.embed import plate_references
     from napari_cellmae.inference import pool_tokens
     from napari_cellmae.model import standardize
     from napari_cellmae.plates import list_fields, read_field, scan_plate
@@ -180,20 +185,26 @@ def block_scores(model, folder: Path, seed: int, size: int = 512) -> dict[tuple[
         for blk in model.module.blocks
     ]
     rows: list[dict] = []
-    vectors: dict[str, list] = {p: [] for p in POOLING_CHOICES}
+    vectors: dict[tuple[str, str], list] = {
+        (n, p): [] for n in NORMALIZATIONS for p in POOLING_CHOICES
+    }
     try:
         for plate in sorted(platemap["Metadata_Plate"].unique()):
             index = scan_plate(folder / plate)
+            refs = plate_references(model, [index])
             for r in list_fields(index).to_dict("records"):
                 field = read_field(index, well=r["Metadata_Well"], site=int(r["Metadata_Site"]))
-                crops, _ = model.field_crops(field)
-                captured.clear()
-                with torch.inference_mode(), model._autocast():
-                    x, _, _ = standardize(torch.from_numpy(crops.astype(np.float32)))
-                    model.module.forward_features(x)
+                crops = torch.from_numpy(model.field_crops(field)[0].astype(np.float32))
                 c = crops.shape[1]
-                for pooling, out in vectors.items():
-                    out.append([pool_tokens(t.float(), c, pooling).mean(0) for t in captured])
+                for norm in NORMALIZATIONS:
+                    ref = torch.from_numpy(refs[plate][None]) if norm == "plate" else None
+                    captured.clear()
+                    with torch.inference_mode(), model._autocast():
+                        model.module.forward_features(standardize(crops, reference=ref)[0])
+                    for pooling in POOLING_CHOICES:
+                        vectors[(norm, pooling)].append(
+                            [pool_tokens(t.float(), c, pooling).mean(0) for t in captured]
+                        )
                 rows.append({k: r[k] for k in ("Metadata_Plate", "Metadata_Well")})
     finally:
         for h in hooks:
@@ -202,18 +213,19 @@ def block_scores(model, folder: Path, seed: int, size: int = 512) -> dict[tuple[
 
     meta = pd.DataFrame(rows).merge(platemap, on=["Metadata_Plate", "Metadata_Well"])
     scores = {}
-    for pooling, out in vectors.items():
+    for (norm, pooling), out in vectors.items():
         per_block = np.stack([[t.numpy() for t in w] for w in out], axis=1)  # (blocks, wells, D)
         for b in range(len(per_block)):
             x = per_block[b].astype(np.float64)
-            scores[(pooling, b + 1)] = evaluate(x, meta, "tvn").metrics["replicate_map"]
+            scores[(norm, pooling, b + 1)] = evaluate(x, meta, "tvn").metrics["replicate_map"]
     return scores
 
 
 def select_block(folder: Path) -> dict[str, object]:
-    """Pick the default embedding block and pooling of the model in ``folder`` on a selection
-    screen (seed :data:`SELECTION_SCREEN_SEED`, not the evaluation screen) and store them in its
-    config.json. Ties (to 3 decimals) go to "mean" pooling, then to the later block."""
+    """Pick the default embedding normalisation, block and pooling of the model in ``folder`` on
+    a selection screen (seed :data:`SELECTION_SCREEN_SEED`, not the evaluation screen) and store
+    them in its config.json. Ties (to 3 decimals) go to "crop" normalisation, then "mean"
+    pooling, then to the later block."""
     import tempfile
 
     from napari_cellmae.hub import load_model
@@ -222,17 +234,24 @@ def select_block(folder: Path) -> dict[str, object]:
     model = load_model(str(folder), device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         scores = block_scores(model, Path(tmp), SELECTION_SCREEN_SEED)
-    pooling, best = max(scores, key=lambda k: (round(scores[k], 3), k[0] == "mean", k[1]))
+    norm, pooling, best = max(
+        scores, key=lambda k: (round(scores[k], 3), k[0] == "crop", k[1] == "mean", k[2])
+    )
     config = json.loads((folder / "config.json").read_text())
     config["best_block"] = int(best)
     config["default_pooling"] = pooling
+    config["default_normalization"] = norm
     config["block_selection"] = {
         "criterion": "replicate retrieval mAP, TVN on controls",
         "screen": f"synthetic, seed {SELECTION_SCREEN_SEED}, 2 plates × 60 wells, 5 stains, 512²",
-        "map_by_block": {f"{p} {b}": round(v, 4) for (p, b), v in scores.items()},
+        "map_by_block": {f"{n} {p} {b}": round(v, 4) for (n, p, b), v in scores.items()},
     }
     write_json_atomic(folder / "config.json", config)
-    return config["block_selection"] | {"best_block": best, "default_pooling": pooling}
+    return config["block_selection"] | {
+        "best_block": best,
+        "default_pooling": pooling,
+        "default_normalization": norm,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,10 +322,13 @@ this one on your data.
   phase contrast, tissue, 3-D).
 - 256×256 crops at 16-px patches; larger fields are tiled. Channel identity is inferred from
   content (no channel names): two fully hidden channels get the same prediction.
-- Its embeddings separate the synthetic perturbation phenotypes *less* well than simple
-  per-channel intensity/texture statistics (Evaluation below): per-image standardisation hides
-  intensity changes from it, and an hour of CPU training is little. Profile with both
-  (`cellmae profile` reports the baseline next to the model) or use a larger model.
+- Its embeddings do not separate the synthetic perturbation phenotypes better than simple
+  per-channel intensity/texture statistics (Evaluation below): with plate normalisation (its
+  default) it relates perturbations of the same mechanism more often than the statistics do,
+  but retrieves replicates and nearest mechanisms less well; each crop standardised by itself
+  it is weaker still (intensity changes are invisible then). An hour of CPU training is little:
+  profile with both (`cellmae profile` reports the baseline next to the model) or use a larger
+  model.
 - Not a diagnostic tool; embeddings are not validated for any clinical use.
 
 ## Data
@@ -360,8 +382,23 @@ transfluor well {", ".join(VAL_WELLS)}): {m["val_loss_before"]:.4f} at its start
 from napari_cellmae import load_model
 model = load_model()              # this model (bundled, offline)
 emb = model.embed(images)         # (N, C, 256, 256) -> {_embed_shape(config)}
+vec = model.embed_field(field)    # (C, H, W), any size: mean over its 256×256 crops
 rec = model.reconstruct(images, mask_ratio=0.75, seed=0)
 ```
+{_normalization_use(config)}"""
+
+
+def _normalization_use(config: dict) -> str:
+    if config.get("default_normalization") != "plate":
+        return ""
+    return """
+Its default input normalisation is **plate**: `embed_field` and `cellmae embed` standardise every \
+crop of a plate by the plate's typical crop mean and standard deviation per channel \
+(`model.plate_reference(fields)`; the pipeline takes it from up to 24 fields of each plate and \
+saves it in the run's `config.json`), so that a brighter stain or more cells stay visible to the \
+model. `model.embed(crops)` and reconstruction standardise each crop by itself (the training \
+input) unless given `reference=`; `normalization="crop"` / `--normalization crop` does that for \
+whole plates.
 """
 
 
@@ -397,10 +434,11 @@ def _block_line(config: dict) -> str:
         return "the last"
     scores = ", ".join(f"{b}: {v:.3f}" for b, v in sel["map_by_block"].items())
     pooling = config.get("default_pooling", "mean")
+    norm = config.get("default_normalization", "crop")
     return (
-        f"{config['best_block']} of {config['architecture']['depth']} ({pooling} pooling), chosen "
-        f"by {sel['criterion']} on a separate {sel['screen']} screen (mAP by pooling and block: "
-        f"{scores})"
+        f"{config['best_block']} of {config['architecture']['depth']} ({pooling} pooling, {norm} "
+        f"normalisation), chosen by {sel['criterion']} on a separate {sel['screen']} screen (mAP "
+        f"by normalisation, pooling and block: {scores})"
     )
 
 

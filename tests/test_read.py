@@ -125,6 +125,12 @@ def test_channel_selection_by_id_and_name(plate):
     np.testing.assert_array_equal(picked, full[[2, 0]])
     with pytest.raises(MissingChannelError, match="'w9' is not in this plate"):
         read_field(index, "A02", channels=["w9"])
+    # the names every output records: unnamed channels keep their ids
+    from napari_cellmae.plates.channels import index_channel_names, index_channels
+
+    assert index_channels(index) == ["w1", "w2", "w3"]
+    assert index_channel_names(index) == {"w1": "DNA", "w2": "w2", "w3": "Mito"}
+    assert index_channel_names(index, ["w3", "w1"]) == {"w3": "Mito", "w1": "DNA"}
 
 
 def test_field_not_found_messages(plate):

@@ -673,7 +673,7 @@ def embed_plates(
     """
     import pyarrow.parquet as pq
 
-    from .plates.channels import save_channel_map
+    from .plates.channels import index_channel_names, save_channel_map
 
     t0 = time.monotonic()
     out = Path(out_dir).expanduser()
@@ -697,8 +697,7 @@ def embed_plates(
     normalization = _normalization(model, config)
     width = _embedding_width(model, pooling, n_channels)
     bs = _batch_size(model, config)
-    first = indexes[0]
-    names = first.attrs.get("channel_names") or {}
+    names = index_channel_names(indexes[0], channel_ids[0])
     record = run_record(
         model=model.name,
         model_source=str(model.source or config.model or ""),
@@ -709,7 +708,7 @@ def embed_plates(
         normalization=normalization,
         precision=model.precision,
         channels=list(channel_ids[0]),
-        channel_names=[names.get(c, c) for c in channel_ids[0]],
+        channel_names=list(names.values()),
         levels=list(config.levels),
         features=bool(config.features),
         embedding_width=width,
@@ -743,7 +742,7 @@ def embed_plates(
         }
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", {**record, "status": "running"})
-    save_channel_map(out, {c: names.get(c, c) for c in channel_ids[0]}, channel_ids[0])
+    save_channel_map(out, names, channel_ids[0])
     all_keys = _well_keys(indexes)
     shard = Shard.parse(shard) if shard is not None else None
     owned = shard.owned(all_keys) if shard is not None else None

@@ -142,6 +142,7 @@ class PlateSource(FieldSource):
         repeats: int = 1,
     ) -> None:
         from .plates import list_fields, scan_plate
+        from .plates.channels import index_channel_names
         from .plates.read import _resolve_channels
 
         if not folders:
@@ -163,8 +164,7 @@ class PlateSource(FieldSource):
             wanted = _resolve_channels(index, channels)
             self.indexes.append(index)
             self.n_channels.append(len(wanted))
-            by_id = index.attrs.get("channel_names") or {}
-            plate_names = [str(by_id.get(c, c)) for c in wanted]
+            plate_names = list(index_channel_names(index, wanted).values())
             names = plate_names if names is None else names
             table = list_fields(index)
             incomplete = 0

@@ -498,9 +498,10 @@ class QCTab(QWidget):
 
     def channel_names(self) -> list[str]:
         assert self.result is not None
-        attrs = self.result.index.attrs
-        names = attrs.get("channel_names") or {}
-        return [names.get(c, c) for c in attrs.get("channels") or []]
+        from ..plates.channels import index_channel_names
+
+        index = self.result.index
+        return list(index_channel_names(index, index.attrs.get("channels") or []).values())
 
     def _show_field(self, result: tuple[dict[str, Any], np.ndarray]) -> None:
         from .layers import open_field

@@ -26,6 +26,18 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 
+def index_channels(index: Any) -> list[str]:
+    """The channel ids of a :func:`~napari_cellmae.plates.scan_plate` index, in index order."""
+    return list(index.attrs.get("channels") or sorted(index["Metadata_Channel"].unique()))
+
+
+def index_channel_names(index: Any, ids: Sequence[str] | None = None) -> dict[str, str]:
+    """{channel id: the name the user or the instrument gave it} for ``ids`` (default: every
+    channel of the index, in order); a channel without a name is named by its id."""
+    names = index.attrs.get("channel_names") or {}
+    return {c: str(names.get(c, c)) for c in (index_channels(index) if ids is None else ids)}
+
+
 def normalize_channel_names(
     channels: Sequence[str], names: Mapping[str, str] | Sequence[str] | None = None
 ) -> dict[str, str]:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from .channels import index_channels
 from .errors import (
     CorruptFileError,
     FieldNotFoundError,
@@ -128,7 +129,7 @@ class FieldResult(NamedTuple):
 
 def _resolve_channels(index: pd.DataFrame, channels: Sequence[str] | None) -> list[str]:
     """Channel ids to read, in order; accepts ids or channel names."""
-    all_ids = list(index.attrs.get("channels") or sorted(index["Metadata_Channel"].unique()))
+    all_ids = index_channels(index)
     if channels is None:
         return all_ids
     by_name = {v: k for k, v in (index.attrs.get("channel_names") or {}).items()}

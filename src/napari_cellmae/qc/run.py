@@ -152,11 +152,12 @@ def measure_rows(
     import pandas as pd
 
     from ..plates import iter_fields, list_fields, read_image
+    from ..plates.channels import index_channel_names, index_channels
     from ..plates.scan import field_keys
 
     keys = field_keys(index)
-    channels = list(index.attrs.get("channels") or sorted(index["Metadata_Channel"].unique()))
-    names = index.attrs.get("channel_names") or {}
+    channels = index_channels(index)
+    names = index_channel_names(index, channels)
     files = {
         (k if isinstance(k, tuple) else (k,)): dict(zip(g["Metadata_Channel"], g["path"]))
         for k, g in index.groupby(keys, sort=False)
@@ -180,7 +181,7 @@ def measure_rows(
                         planes = read_image(paths[ch])
                     except ValueError as exc:
                         bad = str(exc)
-                row = {**meta, "Metadata_Channel": ch, "channel_name": names.get(ch, ch)}
+                row = {**meta, "Metadata_Channel": ch, "channel_name": names[ch]}
                 row["path"] = paths.get(ch, "")
                 row["QC_Error"] = bad or f"field unreadable: {error}"
                 if planes is not None:
@@ -191,7 +192,7 @@ def measure_rows(
         else:
             values = measure(image, (scale,))
             for c, ch in enumerate(channels):
-                row = {**meta, "Metadata_Channel": ch, "channel_name": names.get(ch, ch)}
+                row = {**meta, "Metadata_Channel": ch, "channel_name": names[ch]}
                 row["path"] = paths.get(ch, "")
                 row["QC_Error"] = ""
                 row.update({f"QC_{k}": float(v[c]) for k, v in values.items()})
@@ -372,7 +373,7 @@ def write_report(
     **record: Any,
 ) -> dict[str, Path]:
     """Write the QC tables (parquet + CSV twins), passing lists, channels.json and run.json."""
-    from ..plates.channels import save_channel_map
+    from ..plates.channels import index_channel_names, save_channel_map
     from ..store import run_record, write_json_atomic, write_table_atomic
 
     root = result.index.attrs.get("root", "")
@@ -396,7 +397,7 @@ def write_report(
         pass_images, out / "passing_images.parquet", csv_twin=True
     )
     channels = result.index.attrs.get("channels") or []
-    save_channel_map(out, result.index.attrs.get("channel_names") or {}, channels)
+    save_channel_map(out, index_channel_names(result.index, channels), channels)
     head = result.head
     rec = run_record(
         command="qc",

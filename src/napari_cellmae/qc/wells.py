@@ -127,10 +127,11 @@ def _failed_rows(task: QCWellTask, error: BaseException) -> pd.DataFrame:
     import pandas as pd
 
     from ..plates import list_fields
+    from ..plates.channels import index_channel_names, index_channels
 
     index = task.well_index
-    channels = list(index.attrs.get("channels") or sorted(index["Metadata_Channel"].unique()))
-    names = index.attrs.get("channel_names") or {}
+    channels = index_channels(index)
+    names = index_channel_names(index, channels)
     keys = [c for c in list_fields(index).columns if c.startswith("Metadata_")]
     paths = {
         (*k, ch): p
@@ -139,7 +140,7 @@ def _failed_rows(task: QCWellTask, error: BaseException) -> pd.DataFrame:
     rows = []
     for meta in list_fields(index)[keys].to_dict("records"):
         for ch in channels:
-            row = {**meta, "Metadata_Channel": ch, "channel_name": names.get(ch, ch)}
+            row = {**meta, "Metadata_Channel": ch, "channel_name": names[ch]}
             row["path"] = paths.get((*meta.values(), ch), "")
             row["QC_Error"] = f"the whole well failed: {type(error).__name__}: {error}"
             rows.append(row)

@@ -92,6 +92,10 @@ def test_resume_continues_the_same_trajectory(fields, tmp_path):
     assert ckpt["state"]["global_step"] == 5 and ckpt["state"]["step_in_epoch"] == 1
     assert not (tmp_path / "b" / "model").exists()
 
+    # the resumed run's first event carries what the cancelled session recorded
+    start = next(train(tiny(tmp_path / "b", resume=True), array_source(fields))).payload
+    assert start["kind"] == "start" and [s[0] for s in start["steps_so_far"]] == [1, 2, 3, 4, 5]
+    assert [h["step"] for h in start["history"]] == [0, 4]  # start + epoch 1 validations
     resumed = run(train(tiny(tmp_path / "b", resume=True), array_source(fields)))
     assert resumed.metrics["steps"] == 8
     np.testing.assert_allclose(

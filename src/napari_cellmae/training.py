@@ -786,6 +786,10 @@ def _train(
             "processes": dist_info.world,
             "device": str(device),
             "precision": str(amp or "fp32").replace("torch.", ""),
+            # a resumed run: what the earlier sessions recorded, so that a live plot shows
+            # everything, also what happened after its viewer stopped listening (Cancel)
+            "steps_so_far": [list(s) for s in state["steps"]],
+            "history": list(state["history"]),
         },
     )
     if saved is None:

@@ -71,3 +71,29 @@ def test_train_cancel_resume_and_the_new_model_appears(panel, qtbot, small_scree
     assert panel.model_picker.combo.findData(str(out.resolve())) >= 0  # in the picker
     tab.use_button.click()
     assert panel.model_source() == str(out.resolve())
+
+
+def test_a_resumed_run_redraws_the_curves_the_checkpoint_recorded(qtbot):
+    """After Cancel the child may still finish a step or an epoch's validation that the tab never
+    saw; the resumed run's start event carries the recorded curves and the plot takes them."""
+    from napari_cellmae._qt.finetune_tab import LossPlot
+
+    plot = LossPlot()
+    qtbot.addWidget(plot)
+    plot.add({"kind": "val", "step": 0, "val_loss": 1.0})
+    plot.add({"kind": "step", "step": 1, "train_loss": 0.9})
+    plot.add(
+        {
+            "kind": "start",
+            "steps_so_far": [[1, 0.9, 1e-3], [2, 0.8, 1e-3], [3, 0.7, 1e-3]],
+            "history": [
+                {"step": 0, "val_loss": 1.0, "train_loss": None},
+                {"step": 3, "val_loss": 0.75, "train_loss": 0.8},
+            ],
+        }
+    )
+    assert plot.train_points == [(1, 0.9), (2, 0.8), (3, 0.7)]
+    assert plot.val_points == [(0, 1.0), (3, 0.75)]
+    assert list(plot.val_line.get_xdata()) == [0, 3]
+    plot.add({"kind": "step", "step": 4, "train_loss": 0.6})
+    assert plot.train_points[-1] == (4, 0.6)

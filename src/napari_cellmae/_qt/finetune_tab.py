@@ -142,7 +142,14 @@ class LossPlot(QWidget):
 
     def add(self, payload: dict[str, Any]) -> None:
         kind = payload.get("kind")
-        if kind == "step" and payload.get("train_loss") is not None:
+        if kind == "start":  # a run (re)starting: the curves so far are the checkpoint's
+            self.train_points[:] = [(s[0], s[1]) for s in payload.get("steps_so_far") or []]
+            self.val_points[:] = [
+                (h["step"], h["val_loss"])
+                for h in payload.get("history") or []
+                if h.get("val_loss") is not None
+            ]
+        elif kind == "step" and payload.get("train_loss") is not None:
             self.train_points.append((payload["step"], payload["train_loss"]))
         elif kind in ("val", "epoch") and payload.get("val_loss") is not None:
             self.val_points.append((payload["step"], payload["val_loss"]))

@@ -163,12 +163,14 @@ def test_other_settings_do_not_resume_into_the_same_folder(reference, plate, mod
     assert (out / "config.json").read_text() == before
 
 
-def test_corrupt_and_missing_files_are_recorded_and_the_run_goes_on(model, tmp_path):
+@pytest.mark.parametrize("normalization", ["crop", "plate"])
+def test_corrupt_and_missing_files_are_recorded_and_the_run_goes_on(model, tmp_path, normalization):
     plate = write_plate(tmp_path, "imagexpress", wells=2, sites=2, n_channels=2, size=256)
     bad = plate / "SYNTH-P1_A01_s1_w2.tif"
     bad.write_bytes(bad.read_bytes()[:300])  # truncated by an interrupted copy
     (plate / "SYNTH-P1_A02_s2_w1.tif").unlink()
-    result = run(embed_plates([plate], tmp_path / "out", CONFIG, model=model))
+    config = replace_norm(CONFIG, normalization)
+    result = run(embed_plates([plate], tmp_path / "out", config, model=model))
     assert (result.n_fields, result.n_errors, result.n_wells) == (2, 2, 2)
     errors = pd.read_csv(tmp_path / "out" / "errors.csv")
     assert errors["Metadata_Well"].tolist() == ["A01", "A02"]
@@ -177,6 +179,15 @@ def test_corrupt_and_missing_files_are_recorded_and_the_run_goes_on(model, tmp_p
     fields = pd.read_parquet(tmp_path / "out" / "fields.parquet")
     assert list(zip(fields["Metadata_Well"], fields["Metadata_Site"])) == [("A01", 2), ("A02", 1)]
     assert bad.stat().st_size == 300  # inputs untouched
+    if normalization == "plate":  # the reference comes from the readable fields alone
+        from napari_cellmae.plates import read_field, scan_plate
+
+        record = json.loads((tmp_path / "out" / "config.json").read_text())
+        index = scan_plate(plate)
+        good = [read_field(index, "A01", 2), read_field(index, "A02", 1)]
+        np.testing.assert_allclose(
+            recorded_reference(record, "SYNTH-P1"), model.plate_reference(good), rtol=1e-6
+        )
 
 
 def test_thread_executor_gives_the_serial_tables(reference, plate, model, tmp_path):

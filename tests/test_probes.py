@@ -36,6 +36,16 @@ def test_block_embeddings_equal_embed_per_block():
         np.testing.assert_allclose(feats[k - 1], model.embed(imgs, block=k), atol=1e-5)
     cw = block_embeddings(model, imgs, pooling="channelwise")
     np.testing.assert_allclose(cw[0], model.embed(imgs, pooling="channelwise", block=1), atol=1e-5)
+    # plate normalisation: every crop by one reference, as embed(reference=) does
+    ref = np.array([[1500.0, 900.0], [2500.0, 1200.0]])
+    plate = block_embeddings(model, imgs, batch_size=2, reference=ref)
+    for k in (1, 2):
+        np.testing.assert_allclose(
+            plate[k - 1], model.embed(imgs, block=k, reference=ref), atol=1e-5
+        )
+    assert not np.allclose(plate, feats, atol=1e-3)
+    with pytest.raises(ValueError, match="plate_reference"):
+        block_embeddings(model, imgs, reference=np.ones((3, 2)))
 
 
 def test_block_search_finds_the_informative_block_and_holds_out_wells():
@@ -109,6 +119,42 @@ def nucleus_screen(tmp_path_factory):
     )
     platemap.to_csv(root / "platemap.csv", index=False)
     return plate, root / "platemap.csv"
+
+
+def test_probes_search_the_blocks_of_the_models_own_embeddings(
+    nucleus_screen, test_model_dir, tmp_path, monkeypatch
+):
+    # a model that embeds channelwise with plate normalisation is probed on exactly that
+    import napari_cellmae.probes as probes
+    from napari_cellmae.embed import plate_references
+    from napari_cellmae.plates import scan_plate
+
+    plate, platemap = nucleus_screen
+    folder = tmp_path / "m"
+    shutil.copytree(test_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    extra = {"default_pooling": "channelwise", "default_normalization": "plate"}
+    (folder / "config.json").write_text(json.dumps({**config, **extra}))
+    model = load_model(folder, device="cpu", precision="fp32")
+    seen = []
+    real = probes.block_embeddings
+
+    def spy(model, crops, pooling, batch_size, reference=None):
+        seen.append((pooling, reference))
+        return real(model, crops, pooling, batch_size, reference)
+
+    monkeypatch.setattr(probes, "block_embeddings", spy)
+    res = run(probe_plates(model, [plate], platemap, "Metadata_Label"))
+    assert (res.pooling, res.normalization) == ("channelwise", "plate")
+    assert res.to_dict()["normalization"] == "plate"
+    expected = plate_references(model, [scan_plate(plate)])["P1"]
+    assert len(seen) == 8 and all(p == "channelwise" for p, _ in seen)
+    for _, ref in seen:
+        np.testing.assert_array_equal(ref, expected)
+    # told otherwise, it probes that
+    seen.clear()
+    res = run(probe_plates(model, [plate], platemap, "Metadata_Label", normalization="crop"))
+    assert res.normalization == "crop" and all(ref is None for _, ref in seen)
 
 
 def test_short_fine_tune_raises_probe_accuracy_over_a_random_start(nucleus_screen, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -171,6 +172,27 @@ def test_freeze_options_freeze_what_they_say(option, test_model_dir, fields, tmp
     # inherits from its start
     card = json.loads((result.folder / "config.json").read_text())
     assert card["derived_from"]["checksum"] == load_model(test_model_dir).checksum
+
+
+def test_a_trained_model_embeds_as_its_start_did(test_model_dir, fields, tmp_path):
+    # the bundled model embeds channelwise with plate normalisation at block 1: a model trained
+    # from it must too (or its embeddings and probes silently change to mean / per-crop)
+    start = tmp_path / "start"
+    shutil.copytree(test_model_dir, start)
+    cfg_path = start / "config.json"
+    saved = json.loads(cfg_path.read_text())
+    extra = {"best_block": 1, "default_pooling": "channelwise", "default_normalization": "plate"}
+    cfg_path.write_text(json.dumps({**saved, **extra}))
+    cfg = tiny(tmp_path, from_scratch=None, source=str(start), epochs=1)
+    result = run(train(cfg, array_source(fields, val=False)))
+    card = json.loads((result.folder / "config.json").read_text())
+    assert {k: card.get(k) for k in extra} == extra
+    tuned = load_model(result.folder)
+    assert (tuned.default_block, tuned.default_pooling, tuned.default_normalization) == (
+        1,
+        "channelwise",
+        "plate",
+    )
 
 
 def test_fixed_channel_decoder_needs_its_channel_count(fields, tmp_path):

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from . import registry
-from .inference import CellMAEModel
+from .inference import CellMAEModel, embedding_defaults
 from .model import PRESETS, CellMAE, CellMAEConfig
 from .store import file_sha256, write_bytes_atomic, write_json_atomic, write_text_atomic
 
@@ -314,9 +314,7 @@ def load_model(
             name=cfg.get("name") or folder.name,
             source=source_str,
             checksum=checksum,
-            default_block=cfg.get("best_block"),
-            default_pooling=cfg.get("default_pooling", "mean"),
-            default_normalization=cfg.get("default_normalization", "crop"),
+            **embedding_defaults(cfg),
             channel_names=cfg.get("channel_names"),
             attribution=attribution,
             metadata=meta,

@@ -93,6 +93,17 @@ class Reconstruction:
         return np.where(hidden, self.reconstruction, self.masked)
 
 
+def embedding_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """How a model embeds by default, from its ``config.json`` (or what a trained model inherits
+    from its start): :class:`CellMAEModel` keyword arguments ``default_block``,
+    ``default_pooling`` ("mean" when unsaid) and ``default_normalization`` ("crop")."""
+    return {
+        "default_block": config.get("best_block"),
+        "default_pooling": config.get("default_pooling") or "mean",
+        "default_normalization": config.get("default_normalization") or "crop",
+    }
+
+
 class CellMAEModel:
     """A loaded CellMAE, ready for numpy images.
 

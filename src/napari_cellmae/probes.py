@@ -52,6 +52,8 @@ class ProbeResult:
     n_samples: int  # crops
     n_groups: int  # wells
     folds: int
+    pooling: str = "mean"  # of the features probed
+    normalization: str = "crop"  # of their input ("plate": per-plate references)
 
     @property
     def best_accuracy(self) -> float:
@@ -71,6 +73,8 @@ class ProbeResult:
             "wells": self.n_groups,
             "folds": self.folds,
             "cross_validation": "StratifiedGroupKFold by well",
+            "pooling": self.pooling,
+            "normalization": self.normalization,
         }
 
 
@@ -82,11 +86,13 @@ def block_embeddings(
     images: Any,
     pooling: str = "mean",
     batch_size: int | None = None,
+    reference: Any = None,
 ) -> np.ndarray:
     """Pooled tokens after each encoder block, in one pass through the encoder.
 
     images: (N, C, 256, 256), any real dtype -> (depth, N, D) float32, where ``[k - 1]`` equals
-    ``model.embed(images, pooling=pooling, block=k)``.
+    ``model.embed(images, pooling=pooling, block=k, reference=reference)`` (``reference``: a
+    plate normalisation reference, see :meth:`~napari_cellmae.inference.CellMAEModel.embed`).
     """
     import torch
 
@@ -95,13 +101,15 @@ def block_embeddings(
 
     arr = model.check_images(images)
     module, channels = model.module, arr.shape[1]
+    ref = model._check_reference(reference, arr.shape[:2])
 
     @torch.inference_mode()
     def run(sl: slice) -> np.ndarray:
         x = model._to_tensor(arr[sl])
+        part = None if ref is None else ref[sl] if len(ref) > 1 else ref
         pooled = []
         with model._autocast():
-            x, _, _ = standardize(x, module.config.input_eps)
+            x, _, _ = standardize(x, module.config.input_eps, part)
             tokens = module._prepend_cls(module.embed_patches(x))  # (n, 1+C·L, D)
             for blk in module.blocks:
                 tokens = blk(tokens)
@@ -226,23 +234,33 @@ def probe_plates(
     label_column: str,
     crops_per_field: int = 4,
     max_fields: int = 400,
-    pooling: str = "mean",
+    pooling: str | None = None,
     folds: int = 5,
     seed: int = 0,
     device: str | None = None,
     batch_size: int | None = None,
     channels: Sequence[str] | None = None,
+    normalization: str | None = None,
 ) -> ProgressGenerator[ProbeResult]:
     """Block search on labelled plate folders (a progress generator returning a ProbeResult).
 
     Every labelled field (at most ``max_fields``, evenly chosen) is tiled into 256×256 crops (at
     most ``crops_per_field``, evenly chosen); each crop is a sample, its well the CV group.
+    The features are those :meth:`~napari_cellmae.inference.CellMAEModel.embed_field` gives:
+    ``pooling`` and ``normalization`` default to the model's own (with "plate", every plate's
+    reference comes from :func:`napari_cellmae.embed.plate_references`), so the block found is
+    the best block of the embeddings the model will produce.
     """
+    import dataclasses
+
+    from .embed import EmbedConfig, plate_references
     from .hub import load_model
     from .plates import iter_fields, list_fields, scan_plate
 
     if not hasattr(model, "embed"):
         model = load_model(model, device=device)
+    pooling = pooling or model.default_pooling
+    normalization = model._normalization(normalization)
     table = read_labels(labels, label_column)
     on = [c for c in _JOIN if c in table.columns]
     jobs = []
@@ -253,6 +271,11 @@ def probe_plates(
         merged = keys.merge(table, on=on, how="left")
         fields = fields.assign(_label=merged[label_column].to_numpy())
         jobs.append((index, fields.dropna(subset=["_label"])))
+    references: dict[str, np.ndarray] = {}
+    if normalization == "plate":
+        config = EmbedConfig(channels=tuple(channels) if channels else None)
+        for index, _ in jobs:
+            references.update(plate_references(model, [index], config))
     n = sum(len(f) for _, f in jobs)
     if n == 0:
         raise ValueError(
@@ -272,7 +295,9 @@ def probe_plates(
             if res.ok:
                 crops, _ = model.field_crops(res.image)
                 sel = np.round(np.linspace(0, len(crops) - 1, min(crops_per_field, len(crops))))
-                emb = block_embeddings(model, crops[sel.astype(int)], pooling, batch_size)
+                # a plate without a reference (no usable field to compute it) -> per crop
+                ref = references.get(str(res.metadata["Metadata_Plate"]))
+                emb = block_embeddings(model, crops[sel.astype(int)], pooling, batch_size, ref)
                 feats.append(emb)
                 labs += [label] * emb.shape[1]
                 well = (res.metadata["Metadata_Plate"], res.metadata["Metadata_Well"])
@@ -282,7 +307,8 @@ def probe_plates(
             )
     features = np.concatenate(feats, axis=1)
     yield Progress(done, done, f"fitting probes on {features.shape[0]} blocks", {"kind": "probe"})
-    return block_search(features, labs, groups, folds, seed, label_column)
+    result = block_search(features, labs, groups, folds, seed, label_column)
+    return dataclasses.replace(result, pooling=pooling, normalization=normalization)
 
 
 def set_best_block(folder: str | os.PathLike, result: ProbeResult) -> Path:

@@ -409,6 +409,9 @@ def start_model(cfg: TrainConfig) -> tuple[CellMAE, dict[str, Any]]:
         "channel_names": model.channel_names,
         "attribution": model.attribution,
         "best_block": model.default_block,
+        # how the start embeds: the new model embeds the same way unless told otherwise
+        "default_pooling": model.default_pooling,
+        "default_normalization": model.default_normalization,
     }
     return model.module, inherited
 
@@ -593,7 +596,7 @@ def _model_metadata(
     channel_names = source.channel_names or inherited.get("channel_names")
     if channel_names:
         meta["channel_names"] = list(channel_names)
-    for key in ("attribution", "best_block"):
+    for key in ("attribution", "best_block", "default_pooling", "default_normalization"):
         if inherited.get(key):
             meta[key] = inherited[key]
     if "name" in inherited["start"]:

@@ -34,6 +34,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from ._options import add_device, add_layout
@@ -336,19 +337,26 @@ def run(args: argparse.Namespace) -> int:
 
 def _after_training(args: argparse.Namespace, result: Any, on_progress: Any, say: Any) -> int:
     """Probes and block search, the report, and the closing summary (rank 0 only)."""
-    from ..inference import CellMAEModel
+    from ..inference import CellMAEModel, embedding_defaults
     from ..progress import run as drive
 
     cfg = result.config
     m = result.metrics
+    # both embed as their model folders say (pooling, normalisation): the probes then search the
+    # blocks of the embeddings the user will get
+    saved = json.loads((Path(result.folder) / "config.json").read_text())
     tuned = CellMAEModel(
-        result.module, cfg.device if cfg.device != "auto" else None, name="fine-tuned"
+        result.module,
+        cfg.device if cfg.device != "auto" else None,
+        name="fine-tuned",
+        **embedding_defaults(saved),
     )
     start = None
     if args.platemap or not args.no_report:
         from ..training import start_model
 
-        start = CellMAEModel(start_model(cfg)[0], tuned.device, name="start")
+        module, inherited = start_model(cfg)
+        start = CellMAEModel(module, tuned.device, name="start", **embedding_defaults(inherited))
     before = after = None
     if args.platemap:
         from ..probes import probe_plates, set_best_block

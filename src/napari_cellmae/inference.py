@@ -93,6 +93,14 @@ class Reconstruction:
         return np.where(hidden, self.reconstruction, self.masked)
 
 
+def reference_rows(reference: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """The part of a checked plate reference (1 or N, C, 2) for the images ``rows`` of a
+    batch: a shared (1, C, 2) reference serves every row; None stays None."""
+    if reference is None or len(reference) == 1:
+        return reference
+    return reference[rows]
+
+
 def embedding_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """How a model embeds by default, from its ``config.json`` (or what a trained model inherits
     from its start): :class:`CellMAEModel` keyword arguments ``default_block``,
@@ -318,7 +326,7 @@ class CellMAEModel:
         ref = self._check_reference(reference, arr.shape[:2])
 
         def run(sl: slice) -> np.ndarray:
-            part = None if ref is None else ref[sl] if len(ref) > 1 else ref
+            part = reference_rows(ref, sl)
             tokens = self.encode(self._to_tensor(arr[sl]), block=block, reference=part)
             return pool_tokens(tokens, channels, pooling).cpu().numpy()
 

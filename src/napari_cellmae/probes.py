@@ -96,7 +96,7 @@ def block_embeddings(
     """
     import torch
 
-    from .inference import pool_tokens
+    from .inference import pool_tokens, reference_rows
     from .model import standardize
 
     arr = model.check_images(images)
@@ -106,7 +106,7 @@ def block_embeddings(
     @torch.inference_mode()
     def run(sl: slice) -> np.ndarray:
         x = model._to_tensor(arr[sl])
-        part = None if ref is None else ref[sl] if len(ref) > 1 else ref
+        part = reference_rows(ref, sl)
         pooled = []
         with model._autocast():
             x, _, _ = standardize(x, module.config.input_eps, part)
@@ -274,8 +274,7 @@ def probe_plates(
     references: dict[str, np.ndarray] = {}
     if normalization == "plate":
         config = EmbedConfig(channels=tuple(channels) if channels else None)
-        for index, _ in jobs:
-            references.update(plate_references(model, [index], config))
+        references = plate_references(model, [index for index, _ in jobs], config)
     n = sum(len(f) for _, f in jobs)
     if n == 0:
         raise ValueError(

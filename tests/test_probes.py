@@ -155,6 +155,8 @@ def test_probes_search_the_blocks_of_the_models_own_embeddings(
     seen.clear()
     res = run(probe_plates(model, [plate], platemap, "Metadata_Label", normalization="crop"))
     assert res.normalization == "crop" and all(ref is None for _, ref in seen)
+    with pytest.raises(ValueError, match="normalization 'plates'.*crop, plate"):
+        run(probe_plates(model, [plate], platemap, "Metadata_Label", normalization="plates"))
 
 
 def test_short_fine_tune_raises_probe_accuracy_over_a_random_start(nucleus_screen, tmp_path):

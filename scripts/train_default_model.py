@@ -604,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_end": round(os.getloadavg()[0], 2),
         "wall_minutes": round((time.monotonic() - t_start) / 60, 1),
     }
-    trained = json.loads((args.work / "model" / "config.json").read_text())["training"]
+    trained = json.loads((result.folder / "config.json").read_text())["training"]
     trained["compute"].update(comp)
     trained["budget_minutes"] = args.minutes
     trained["start"] = {"from_scratch": "cellmae_vit_tiny_patch16_256", "seed": args.seed}

@@ -107,6 +107,32 @@ def test_resume_continues_the_same_trajectory(fields, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_a_moved_run_resumes_into_its_new_folder_and_never_over_another_model(fields, tmp_path):
+    gen = train(tiny(tmp_path / "a"), array_source(fields))
+    for event in gen:
+        if event.payload["kind"] == "step" and event.payload["step"] == 3:
+            break
+    gen.close()
+    shutil.move(tmp_path / "a", tmp_path / "b")  # the user moved the run folder
+    (tmp_path / "other" / "model").mkdir(parents=True)
+    (tmp_path / "other" / "model" / "config.json").write_text("{}")  # someone else's model
+    other = tiny(
+        tmp_path / "other", resume=True, checkpoint_dir=str(tmp_path / "b" / "model-checkpoints")
+    )
+    with pytest.raises(ValueError, match="already holds a model that this run did not make"):
+        run(train(other, array_source(fields)))
+    assert (tmp_path / "other" / "model" / "config.json").read_text() == "{}"
+
+    resumed = run(train(tiny(tmp_path / "b", resume=True), array_source(fields)))
+    assert resumed.folder == tmp_path / "b" / "model" and resumed.metrics["steps"] == 8
+    saved = json.loads((resumed.folder / "config.json").read_text())["training"]["metrics"]
+    assert saved["steps"] == 8
+    assert not (tmp_path / "a").exists()  # nothing written where the run used to be
+    # extending a finished run (a larger budget) rewrites the run's own model
+    longer = run(train(tiny(tmp_path / "b", resume=True, epochs=3), array_source(fields)))
+    assert longer.folder == resumed.folder and longer.metrics["steps"] == 12
+
+
 def test_cancel_leaves_a_usable_checkpoint(fields, tmp_path):
     calls = {"n": 0}
 

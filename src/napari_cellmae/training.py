@@ -62,7 +62,17 @@ CHECKPOINT = "last.pt"
 # the clock of the --minutes budget (a seam: tests drive it)
 _clock = time.monotonic
 # what a resumed run may change; everything else comes from the checkpoint
-RESUMABLE_CHANGES = ("epochs", "minutes", "patience", "device", "precision", "resume", "register")
+# (``out`` included: the result goes where this session says, e.g. after the run folder was moved)
+RESUMABLE_CHANGES = (
+    "epochs",
+    "minutes",
+    "patience",
+    "device",
+    "precision",
+    "resume",
+    "register",
+    "out",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,6 +650,12 @@ def train(
     saved: dict[str, Any] | None = None
     if cfg.resume:
         saved = load_checkpoint(cfg.checkpoint_path / CHECKPOINT)
+        recorded = Path(saved["config"]["out"]).expanduser()
+        if (out / "config.json").exists() and out.resolve() != recorded.resolve():
+            raise ValueError(
+                f"{out} already holds a model that this run did not make (it was writing to "
+                f"{recorded}): choose another --out, or the run's own folder."
+            )
         cfg = _merge_resumed(cfg, saved["config"])
     elif (out / "config.json").exists():
         raise ValueError(

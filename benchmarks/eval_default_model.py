@@ -206,17 +206,48 @@ def screen_profiles(model, folder: Path, seed: int, size: int) -> tuple:
     return meta, {k: np.stack(v) for k, v in emb.items()}, np.stack(feats)
 
 
-def one_nn_accuracy(x: np.ndarray, labels: np.ndarray, plates: np.ndarray) -> float:
-    """Leave-one-plate-out 1-nearest-neighbour (cosine) accuracy of ``labels``."""
+def one_nn_labels(x: np.ndarray, labels: np.ndarray, plates: np.ndarray) -> np.ndarray:
+    """The label of each well's nearest (cosine) well on another plate."""
     from napari_cellmae.profile import cosine_similarity
 
     sim = cosine_similarity(x)
-    hits = []
+    nearest = []
     for i in range(len(x)):
         other = plates != plates[i]
-        j = np.flatnonzero(other)[np.argmax(sim[i, other])]
-        hits.append(labels[j] == labels[i])
-    return float(np.mean(hits))
+        nearest.append(np.flatnonzero(other)[np.argmax(sim[i, other])])
+    return labels[np.asarray(nearest)]
+
+
+def one_nn_accuracy(x: np.ndarray, labels: np.ndarray, plates: np.ndarray) -> float:
+    """Leave-one-plate-out 1-nearest-neighbour (cosine) accuracy of ``labels``."""
+    return float(np.mean(one_nn_labels(x, labels, plates) == labels))
+
+
+def by_mechanism(meta, mechanism: np.ndarray, aligned: dict[str, np.ndarray]) -> list[dict]:
+    """Leave-one-plate-out 1-NN accuracy per mechanism group (controls excluded), for each
+    profile set in ``aligned``, with the group's phenotype and the label it is most often
+    mistaken for: where a model loses to the baseline, and to what."""
+    plates = meta["Metadata_Plate"].to_numpy()
+    predicted = {name: one_nn_labels(x, mechanism, plates) for name, x in aligned.items()}
+    phenotype = meta.groupby("Metadata_Mechanism")["Metadata_Phenotype"].first()
+    rows = []
+    for mech in sorted(set(mechanism) - {"control"}):
+        wells = mechanism == mech
+        row: dict = {
+            "mechanism": mech,
+            # the group's shared phenotype: names only (each member has its own weights)
+            "phenotype": " + ".join(
+                part.split("=")[0] for part in str(phenotype[mech]).split(";") if part
+            ),
+            "wells": int(wells.sum()),
+        }
+        for name, pred in predicted.items():
+            row[name] = float(np.mean(pred[wells] == mech))
+            wrong = pred[wells][pred[wells] != mech]
+            labels, counts = np.unique(wrong, return_counts=True)
+            row[f"{name}_confused_with"] = str(labels[np.argmax(counts)]) if len(wrong) else ""
+        rows.append(row)
+    return rows
 
 
 def embedding_quality(model, seed: int, size: int) -> dict[str, dict[str, float]]:
@@ -230,7 +261,8 @@ def embedding_quality(model, seed: int, size: int) -> dict[str, dict[str, float]
         "control",
         meta["Metadata_Mechanism"].astype(str).to_numpy(),
     )
-    out = {}
+    out: dict = {}
+    aligned = {}
     default = model.default_normalization
     other = "crop" if default == "plate" else "plate"
     base = baseline_pca(feats, emb[default].shape[1])
@@ -240,6 +272,7 @@ def embedding_quality(model, seed: int, size: int) -> dict[str, dict[str, float]
         ("baseline", base),
     ):
         ev = evaluate(x, meta, "tvn", "Metadata_Plate", pairs, n_null=1000, seed=0)
+        aligned[name] = ev.aligned
         out[name] = {
             "replicate_map": ev.metrics["replicate_map"],
             "replicate_map_chance": ev.metrics["replicate_map_chance"],
@@ -249,6 +282,9 @@ def embedding_quality(model, seed: int, size: int) -> dict[str, dict[str, float]
                 ev.aligned, mechanism, meta["Metadata_Plate"].to_numpy()
             ),
         }
+    out["by_mechanism"] = by_mechanism(
+        meta, mechanism, {k: aligned[k] for k in ("model", "baseline")}
+    )
     out["screen"] = {
         "wells": len(meta),
         "plates": int(meta["Metadata_Plate"].nunique()),
@@ -435,6 +471,22 @@ def _embedding_lines(e: dict) -> list[str]:
             cells[win] = f"**{cells[win]}**"
         extra = f" {o[key]:.3f} |" if o else ""
         lines.append(f"| {label} | {cells[0]} | {cells[1]} | {chance} |{extra}")
+    if e.get("by_mechanism"):
+        lines += [
+            "",
+            "Mechanism accuracy (1-NN, leave-one-plate-out) by mechanism group, with the label "
+            "its wells' nearest neighbours most often carry when wrong:",
+            "",
+            "| group | shared phenotype | wells | cellmae-tiny | mistaken for "
+            "| pixel statistics | mistaken for |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in e["by_mechanism"]:
+            lines.append(
+                f"| {r['mechanism']} | {r['phenotype']} | {r['wells']} | {r['model']:.2f} | "
+                f"{r['model_confused_with'] or '—'} | {r['baseline']:.2f} | "
+                f"{r['baseline_confused_with'] or '—'} |"
+            )
     if other:
         lines += [
             "",

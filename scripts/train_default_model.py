@@ -326,9 +326,10 @@ this one on your data.
   per-channel intensity/texture statistics (Evaluation below): with plate normalisation (its
   default) it relates perturbations of the same mechanism more often than the statistics do,
   but retrieves replicates and nearest mechanisms less well; each crop standardised by itself
-  it is weaker still (intensity changes are invisible then). An hour of CPU training is little:
-  profile with both (`cellmae profile` reports the baseline next to the model) or use a larger
-  model.
+  it is weaker still (intensity changes are invisible then). The per-group table under
+  Evaluation shows which phenotypes it mistakes for the controls or for each other. An hour of
+  CPU training is little: profile with both (`cellmae profile` reports the baseline next to the
+  model) or use a larger model.
 - Not a diagnostic tool; embeddings are not validated for any clinical use.
 
 ## Data

@@ -14,12 +14,14 @@
    out mechanism accuracy (1-nearest neighbour, cosine) after TVN alignment on controls, against
    the pixel-statistics baseline of :mod:`napari_cellmae.features` (PCA of per-channel intensity /
    texture statistics, as ``cellmae profile`` reports it); the model with its default input
-   normalisation and with the other one ("crop" / "plate", the pipeline's plate references).
+   normalisation and with the other one ("crop" / "plate", the pipeline's plate references);
+   with ``--random-init`` also the same architecture at random weights (what training added).
 3. Speed: ``embed_field`` of a 1080×1080 5-channel field in bf16 and fp32 (median of runs).
 
     python benchmarks/eval_default_model.py                                  # everything
     python benchmarks/eval_default_model.py --figure docs/images/bundled-model-reconstructions.png
     python benchmarks/eval_default_model.py --write-card   # + the model card's evaluation section
+    python benchmarks/eval_default_model.py --skip recon speed --random-init   # + random weights
 
 Prints the figures and ratios; ``--json`` saves them.
 """
@@ -51,6 +53,7 @@ from train_default_model import (  # noqa: E402
 )
 
 MASK_RATIO = 0.75
+RANDOM_INIT = "random_init"  # the results key of the random-weights control (--random-init)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,10 +169,12 @@ def reconstruction_errors(model, fields: list[np.ndarray], seeds: int) -> dict[s
 # --------------------------------------------------------------------------------------------
 # Embeddings on a synthetic screen
 # --------------------------------------------------------------------------------------------
-def screen_profiles(model, folder: Path, seed: int, size: int) -> tuple:
+def screen_profiles(model, folder: Path, seed: int, size: int, others: dict | None = None) -> tuple:
     """Write a synthetic screen; return (meta, {normalisation: model embeddings}, baseline
     statistics) per well. Both input normalisations are embedded; "plate" uses the references
-    the pipeline computes (:func:`napari_cellmae.embed.plate_references`)."""
+    the pipeline computes (:func:`napari_cellmae.embed.plate_references`). Each model of
+    ``others`` ({name: model}) is embedded too, with its own default normalisation, under its
+    name."""
     import pandas as pd
 
     from napari_cellmae.embed import plate_references
@@ -190,7 +195,8 @@ def screen_profiles(model, folder: Path, seed: int, size: int) -> tuple:
         seed=seed,
     )
     rows, feats = [], []
-    emb: dict[str, list] = {"plate": [], "crop": []}
+    others = others or {}
+    emb: dict[str, list] = {"plate": [], "crop": [], **{name: [] for name in others}}
     for plate in sorted(platemap["Metadata_Plate"].unique()):
         index = scan_plate(folder / plate)
         ref = plate_references(model, [index])[plate]
@@ -201,6 +207,12 @@ def screen_profiles(model, folder: Path, seed: int, size: int) -> tuple:
             )
             emb["plate"].append(model.embed_field(field, reference=ref))
             emb["crop"].append(model.embed_field(field, normalization="crop"))
+            for name, other in others.items():
+                emb[name].append(
+                    other.embed_field(field, reference=ref)
+                    if other.default_normalization == "plate"
+                    else other.embed_field(field, normalization="crop")
+                )
             feats.append(field_features(field))
     meta = pd.DataFrame(rows).merge(platemap, on=["Metadata_Plate", "Metadata_Well"], how="left")
     return meta, {k: np.stack(v) for k, v in emb.items()}, np.stack(feats)
@@ -244,11 +256,35 @@ def by_mechanism(meta, mechanism: np.ndarray, predicted: dict[str, np.ndarray]) 
     return rows
 
 
-def embedding_quality(model, seed: int, size: int) -> dict[str, dict[str, float]]:
+def random_init(model, seed: int = 0):
+    """The same architecture with random weights (what training from scratch starts from),
+    embedding the way ``model`` does (default block, pooling, normalisation): the control that
+    shows what training added to the embeddings."""
+    import torch
+
+    from napari_cellmae.inference import CellMAEModel
+    from napari_cellmae.model import create_model
+
+    torch.manual_seed(seed)
+    return CellMAEModel(
+        create_model(model.config),
+        "cpu",
+        model.precision,
+        name=f"{model.name} architecture, random weights (seed {seed})",
+        default_block=model.default_block,
+        default_pooling=model.default_pooling,
+        default_normalization=model.default_normalization,
+    )
+
+
+def embedding_quality(
+    model, seed: int, size: int, with_random_init: bool = False
+) -> dict[str, dict[str, float]]:
     from napari_cellmae.profile import baseline_pca, evaluate, pairs_from_column
 
+    others = {RANDOM_INIT: random_init(model)} if with_random_init else {}
     with tempfile.TemporaryDirectory() as tmp:
-        meta, emb, feats = screen_profiles(model, Path(tmp), seed, size)
+        meta, emb, feats = screen_profiles(model, Path(tmp), seed, size, others)
     pairs = pairs_from_column(meta, "Metadata_Mechanism")
     mechanism = np.where(
         meta["Metadata_IsControl"].to_numpy(bool),
@@ -265,6 +301,7 @@ def embedding_quality(model, seed: int, size: int) -> dict[str, dict[str, float]
         ("model", emb[default].astype(np.float64)),
         (f"model_{other}", emb[other].astype(np.float64)),
         ("baseline", base),
+        *((name, emb[name].astype(np.float64)) for name in others),
     ):
         ev = evaluate(x, meta, "tvn", "Metadata_Plate", pairs, n_null=1000, seed=0)
         nearest[name] = one_nn_labels(ev.aligned, mechanism, plates)
@@ -276,7 +313,7 @@ def embedding_quality(model, seed: int, size: int) -> dict[str, dict[str, float]
             "mechanism_1nn_accuracy": float(np.mean(nearest[name] == mechanism)),
         }
     out["by_mechanism"] = by_mechanism(
-        meta, mechanism, {k: nearest[k] for k in ("model", "baseline")}
+        meta, mechanism, {k: nearest[k] for k in ("model", "baseline", *others)}
     )
     out["screen"] = {
         "wells": len(meta),
@@ -447,11 +484,13 @@ def _embedding_lines(e: dict) -> list[str]:
         "better of the model (default normalisation) and the baseline in bold:",
         "",
         f"| metric | cellmae-tiny ({norm}) | pixel statistics | chance |"
-        + (f" cellmae-tiny ({other}) |" if other else ""),
-        "|---|---|---|---|" + ("---|" if other else ""),
+        + (f" cellmae-tiny ({other}) |" if other else "")
+        + (" random weights |" if RANDOM_INIT in e else ""),
+        "|---|---|---|---|" + ("---|" if other else "") + ("---|" if RANDOM_INIT in e else ""),
     ]
     m, b = e["model"], e["baseline"]
     o = e.get(f"model_{other}") if other else None
+    r0 = e.get(RANDOM_INIT)
     for key, label, chance in (
         ("replicate_map", "replicate retrieval mAP", f"{m['replicate_map_chance']:.3f}"),
         ("replicate_consistency", "replicate consistency (share > 95% control null)", "0.05"),
@@ -462,7 +501,7 @@ def _embedding_lines(e: dict) -> list[str]:
         if m[key] != b[key]:
             win = 0 if m[key] > b[key] else 1
             cells[win] = f"**{cells[win]}**"
-        extra = f" {o[key]:.3f} |" if o else ""
+        extra = (f" {o[key]:.3f} |" if o else "") + (f" {r0[key]:.3f} |" if r0 else "")
         lines.append(f"| {label} | {cells[0]} | {cells[1]} | {chance} |{extra}")
     if e.get("by_mechanism"):
         lines += [
@@ -471,21 +510,29 @@ def _embedding_lines(e: dict) -> list[str]:
             "its wells' nearest neighbours most often carry when wrong:",
             "",
             "| group | shared phenotype | wells | cellmae-tiny | mistaken for "
-            "| pixel statistics | mistaken for |",
-            "|---|---|---|---|---|---|---|",
+            "| pixel statistics | mistaken for |" + (" random weights |" if r0 else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if r0 else ""),
         ]
         for r in e["by_mechanism"]:
             lines.append(
                 f"| {r['mechanism']} | {r['phenotype']} | {r['wells']} | {r['model']:.2f} | "
                 f"{r['model_confused_with'] or '—'} | {r['baseline']:.2f} | "
                 f"{r['baseline_confused_with'] or '—'} |"
+                + (f" {r[RANDOM_INIT]:.2f} |" if r0 else "")
             )
     if other:
         lines += [
             "",
             f"{norm.capitalize()} normalisation (the model's default, chosen on a separate "
-            f"selection screen): {_normalization_words(norm)}; the last column is the same model "
-            f"with {other} normalisation ({_normalization_words(other)}).",
+            f"selection screen): {_normalization_words(norm)}; the cellmae-tiny ({other}) "
+            f"column is the same model with {other} normalisation "
+            f"({_normalization_words(other)}).",
+        ]
+    if r0:
+        lines += [
+            "",
+            "Random weights: the same architecture as initialised before training (seed 0), "
+            f"embedding the same way ({norm} normalisation): what training added.",
         ]
     return lines
 
@@ -512,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed-runs", type=int, default=7)
     parser.add_argument("--screen-size", type=int, default=512, help="screen field side (px)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["recon", "embed", "speed"])
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="also embed the screen with the same architecture at random weights (what "
+        "training adds)",
+    )
     parser.add_argument("--figure", type=Path, help="write the reconstruction figure here")
     parser.add_argument("--json", type=Path, help="save the figures as JSON")
     parser.add_argument(
@@ -551,14 +604,17 @@ def main(argv: list[str] | None = None) -> int:
             )
     if "embed" not in args.skip:
         t0 = time.perf_counter()
-        results["embedding"] = e = embedding_quality(model, 0, args.screen_size)
+        results["embedding"] = e = embedding_quality(
+            model, 0, args.screen_size, with_random_init=args.random_init
+        )
         other = e["screen"]["other_normalization"]
         for key in ("replicate_map", "mechanism_recall", "mechanism_1nn_accuracy"):
+            random_part = f", random weights: {e[RANDOM_INIT][key]:.3f}" if RANDOM_INIT in e else ""
             print(
                 f"{key}: model ({e['screen']['normalization']}) {e['model'][key]:.3f}  "
                 f"baseline {e['baseline'][key]:.3f}  "
                 f"ratio {e['model'][key] / max(e['baseline'][key], 1e-9):.2f}  "
-                f"(model, {other} normalisation: {e[f'model_{other}'][key]:.3f})",
+                f"(model, {other} normalisation: {e[f'model_{other}'][key]:.3f}{random_part})",
                 flush=True,
             )
         print(f"(screen {time.perf_counter() - t0:.0f} s)")

@@ -130,7 +130,9 @@ class LossPlot(QWidget):
         # a throttled redraw is not dropped: the latest points are drawn when the window ends
         self._pending = QTimer(self)
         self._pending.setSingleShot(True)
-        self._pending.timeout.connect(lambda: self.redraw(force=True))
+        # bound methods, not lambdas, as slots here: PyQt drops a bound method's connection
+        # when its widget is destroyed; a lambda holding `self` can be called after that
+        self._pending.timeout.connect(self._redraw_pending)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
@@ -154,6 +156,9 @@ class LossPlot(QWidget):
         elif kind in ("val", "epoch") and payload.get("val_loss") is not None:
             self.val_points.append((payload["step"], payload["val_loss"]))
         self.redraw(force=kind != "step")
+
+    def _redraw_pending(self) -> None:
+        self.redraw(force=True)
 
     def redraw(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -287,11 +292,11 @@ class FinetuneTab(QWidget):
         self.scratch.toggled.connect(self.preset.setEnabled)
         self.out_button.clicked.connect(self._browse_out)
         self.platemap.editingFinished.connect(self._read_columns)
-        self.start_button.clicked.connect(lambda: self.start())
-        self.resume_button.clicked.connect(lambda: self.start(resume=True))
+        self.start_button.clicked.connect(self._start_clicked)
+        self.resume_button.clicked.connect(self._resume_clicked)
         self.use_button.clicked.connect(self._use_model)
-        self.runner.started.connect(lambda *_: self._set_running(True))
-        self.runner.finished.connect(lambda *_: self._set_running(False))
+        self.runner.started.connect(self._run_started)
+        self.runner.finished.connect(self._run_finished)
         load = panel.tabs.get("Load")
         if load is not None:
             load.plate_loaded.connect(self._plate_loaded)
@@ -353,6 +358,19 @@ class FinetuneTab(QWidget):
         self.start_button.setEnabled(not running)
         self._update_resume()
 
+    # slots (bound methods: see LossPlot)
+    def _start_clicked(self) -> None:
+        self.start()
+
+    def _resume_clicked(self) -> None:
+        self.start(resume=True)
+
+    def _run_started(self, *_: Any) -> None:
+        self._set_running(True)
+
+    def _run_finished(self, *_: Any) -> None:
+        self._set_running(False)
+
     def command(self, resume: bool = False) -> list[str]:
         """The ``cellmae finetune`` command line the Start (or Resume) button runs."""
         out = self.out.text().strip()
@@ -407,7 +425,6 @@ class FinetuneTab(QWidget):
             description="fine-tune",
             on_progress=self._progress,
             on_result=self._finished,
-            on_finished=lambda state: self._update_resume(),
         )
 
     def _progress(self, event: Progress) -> None:

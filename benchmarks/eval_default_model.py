@@ -208,10 +208,11 @@ def screen_profiles(model, folder: Path, seed: int, size: int, others: dict | No
             emb["plate"].append(model.embed_field(field, reference=ref))
             emb["crop"].append(model.embed_field(field, normalization="crop"))
             for name, other in others.items():
+                # "crop" ignores the plate reference
                 emb[name].append(
-                    other.embed_field(field, reference=ref)
-                    if other.default_normalization == "plate"
-                    else other.embed_field(field, normalization="crop")
+                    other.embed_field(
+                        field, normalization=other.default_normalization, reference=ref
+                    )
                 )
             feats.append(field_features(field))
     meta = pd.DataFrame(rows).merge(platemap, on=["Metadata_Plate", "Metadata_Well"], how="left")
@@ -472,6 +473,16 @@ def _reconstruction_lines(results: dict) -> list[str]:
 def _embedding_lines(e: dict) -> list[str]:
     s = e["screen"]
     norm, other = s.get("normalization", "crop"), s.get("other_normalization")
+    r0 = e.get(RANDOM_INIT)
+    # columns after "chance": the other normalisation, the random-weights control (when measured)
+    extra_columns = [
+        (title, metrics)
+        for title, metrics in (
+            (f"cellmae-tiny ({other})", e.get(f"model_{other}") if other else None),
+            ("random weights", r0),
+        )
+        if metrics is not None
+    ]
     pooled = f"block {s['block']}, {s['pooling']} pooling" if "block" in s else "default pooling"
     lines = [
         "",
@@ -484,13 +495,10 @@ def _embedding_lines(e: dict) -> list[str]:
         "better of the model (default normalisation) and the baseline in bold:",
         "",
         f"| metric | cellmae-tiny ({norm}) | pixel statistics | chance |"
-        + (f" cellmae-tiny ({other}) |" if other else "")
-        + (" random weights |" if RANDOM_INIT in e else ""),
-        "|---|---|---|---|" + ("---|" if other else "") + ("---|" if RANDOM_INIT in e else ""),
+        + "".join(f" {title} |" for title, _ in extra_columns),
+        "|---|---|---|---|" + "---|" * len(extra_columns),
     ]
     m, b = e["model"], e["baseline"]
-    o = e.get(f"model_{other}") if other else None
-    r0 = e.get(RANDOM_INIT)
     for key, label, chance in (
         ("replicate_map", "replicate retrieval mAP", f"{m['replicate_map_chance']:.3f}"),
         ("replicate_consistency", "replicate consistency (share > 95% control null)", "0.05"),
@@ -501,7 +509,7 @@ def _embedding_lines(e: dict) -> list[str]:
         if m[key] != b[key]:
             win = 0 if m[key] > b[key] else 1
             cells[win] = f"**{cells[win]}**"
-        extra = (f" {o[key]:.3f} |" if o else "") + (f" {r0[key]:.3f} |" if r0 else "")
+        extra = "".join(f" {metrics[key]:.3f} |" for _, metrics in extra_columns)
         lines.append(f"| {label} | {cells[0]} | {cells[1]} | {chance} |{extra}")
     if e.get("by_mechanism"):
         lines += [

@@ -483,6 +483,8 @@ def _embedding_lines(e: dict) -> list[str]:
         )
         if metrics is not None
     ]
+    # the per-group table's columns after the baseline's (by_mechanism keys), when measured
+    group_columns = [("random weights", RANDOM_INIT)] if r0 else []
     pooled = f"block {s['block']}, {s['pooling']} pooling" if "block" in s else "default pooling"
     lines = [
         "",
@@ -518,15 +520,16 @@ def _embedding_lines(e: dict) -> list[str]:
             "its wells' nearest neighbours most often carry when wrong:",
             "",
             "| group | shared phenotype | wells | cellmae-tiny | mistaken for "
-            "| pixel statistics | mistaken for |" + (" random weights |" if r0 else ""),
-            "|---|---|---|---|---|---|---|" + ("---|" if r0 else ""),
+            "| pixel statistics | mistaken for |"
+            + "".join(f" {title} |" for title, _ in group_columns),
+            "|---|---|---|---|---|---|---|" + "---|" * len(group_columns),
         ]
         for r in e["by_mechanism"]:
             lines.append(
                 f"| {r['mechanism']} | {r['phenotype']} | {r['wells']} | {r['model']:.2f} | "
                 f"{r['model_confused_with'] or '—'} | {r['baseline']:.2f} | "
                 f"{r['baseline_confused_with'] or '—'} |"
-                + (f" {r[RANDOM_INIT]:.2f} |" if r0 else "")
+                + "".join(f" {r[key]:.2f} |" for _, key in group_columns)
             )
     if other:
         lines += [

@@ -21,8 +21,10 @@ from napari_cellmae.model import CellMAE, create_model, standardize
 from napari_cellmae.plates.read import read_image
 from napari_cellmae.progress import run
 from napari_cellmae.reconstruct import (
-    make_masks,
-    owned_bounds,
+    _Blender,
+    blend_starts,
+    blend_window,
+    field_mask,
     reconstruct_field,
     save_reconstruction,
 )
@@ -65,9 +67,24 @@ def openphenom_layout_dir(tmp_path_factory):
     return folder
 
 
-def test_tiles_stitches_and_keeps_units_on_a_600x700_field(model, field, result):
+def _crops_and_masks(model, field, ratio=0.75, seed=3, hidden=()):
+    """The crops, positions and per-crop masks reconstruct_field uses, rebuilt from the public
+    pieces: the field padded to whole patches, overlapping crops on its patch grid, one field
+    mask cut per crop."""
+    c, h, w = field.shape
+    ph, pw = -(-h // 16) * 16, -(-w // 16) * 16
+    padded = np.pad(field, [(0, 0), (0, ph - h), (0, pw - w)], mode="reflect")
+    ys, xs = blend_starts(ph, 256, 16, 64), blend_starts(pw, 256, 16, 64)
+    positions = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    fmask = field_mask(c, (ph // 16, pw // 16), ratio, seed, hidden)
+    grid = positions // 16
+    masks = np.stack([fmask[:, y : y + 16, x : x + 16] for y, x in grid])
+    return tiling.extract_crops(padded, positions), positions, masks, fmask
+
+
+def test_tiles_blend_and_keep_units_on_a_600x700_field(model, field, result):
     rec, events = result
-    assert [e.done for e in events] == [0, 4, 8, 9] and {e.total for e in events} == {9}
+    assert [e.done for e in events] == [0, 4, 8, 12] and {e.total for e in events} == {12}
     assert rec.masked.shape == rec.reconstruction.shape == rec.error.shape == (3, 600, 700)
     assert rec.mask.shape == (3, 600, 700) and rec.mask.dtype == bool
     assert rec.masked.dtype == np.uint16 and rec.reconstruction.dtype == np.float32
@@ -76,12 +93,17 @@ def test_tiles_stitches_and_keeps_units_on_a_600x700_field(model, field, result)
     assert abs(rec.mask.mean() - 0.75) < 0.02
     assert rec.reconstruction.min() >= 0 and rec.reconstruction.max() <= 65535
     assert abs(np.median(rec.reconstruction) - np.median(field)) < 3 * field.std()
+    # the MAE figure: visible pixels are the input's, hidden ones the prediction
+    np.testing.assert_array_equal(rec.composite[~rec.mask], field[~rec.mask].astype(np.float32))
+    np.testing.assert_array_equal(rec.composite[rec.mask], rec.reconstruction[rec.mask])
 
-    # every pixel comes from the crop whose centre is nearest (recomputed here by brute force)
-    crops, positions = model.field_crops(field)
-    masks = make_masks(len(crops), 3, 16, 0.75, 3)
+    # every pixel: the window-weighted mean of the crops that cover it, each hidden or visible
+    # alike in all of them (recomputed here by brute force)
+    crops, positions, masks, _ = _crops_and_masks(model, field)
+    np.testing.assert_array_equal(rec.positions, positions)
+    assert min(np.diff(np.unique(positions[:, 0]))) <= 256 - 64  # neighbours overlap >= 64 px
     ref = model.reconstruct(crops, mask=masks)
-    centres = positions + 128
+    window = blend_window(256, 80)  # the least overlap of this tiling (608 and 704 padded)
     rng = np.random.default_rng(0)
     for y, x in zip(rng.integers(0, 600, 200), rng.integers(0, 700, 200)):
         inside = np.flatnonzero(
@@ -90,27 +112,38 @@ def test_tiles_stitches_and_keeps_units_on_a_600x700_field(model, field, result)
             & (positions[:, 1] <= x)
             & (x < positions[:, 1] + 256)
         )
-        dist = np.abs(centres[inside] - [y, x]).max(axis=1)  # nearest along each axis
-        k = inside[np.argmin(dist)]
-        if np.sort(dist)[:2].tolist().count(dist.min()) > 1:
-            continue  # exactly on a boundary
-        cy, cx = y - positions[k, 0], x - positions[k, 1]
-        assert rec.mask[:, y, x].tolist() == masks[k, :, cy // 16, cx // 16].tolist()
-        expected = np.clip(ref.reconstruction[k, :, cy, cx], 0, 65535)  # uint16 range
-        np.testing.assert_allclose(rec.reconstruction[:, y, x], expected)
-        np.testing.assert_allclose(rec.error[:, y, x], ref.error[k, :, cy // 16, cx // 16])
+        cy, cx = y - positions[inside, 0], x - positions[inside, 1]
+        hid = masks[inside, :, cy // 16, cx // 16]  # (k, C)
+        assert (hid == hid[:1]).all() and hid[0].tolist() == rec.mask[:, y, x].tolist()
+        wts = window[cy, cx][:, None]
+        expected = (wts * ref.reconstruction[inside, :, cy, cx]).sum(0) / wts.sum()
+        np.testing.assert_allclose(rec.reconstruction[:, y, x], np.clip(expected, 0, 65535),
+                                   rtol=1e-4, atol=1e-2)  # fmt: skip
+        err = (wts * ref.error[inside, :, cy // 16, cx // 16]).sum(0) / wts.sum()
+        np.testing.assert_allclose(rec.error[:, y, x], err, rtol=1e-4, atol=1e-6)
 
 
-def test_owned_bounds_split_overlaps_in_the_middle():
-    starts = tiling.crop_starts(600)  # 0, 172, 344
-    assert owned_bounds(starts, 600, 256) == [(0, 214), (214, 386), (386, 600)]
-    assert owned_bounds(np.array([0]), 256, 256) == [(0, 256)]
+def test_blending_leaves_no_seams_at_crop_boundaries():
+    """Crops whose outputs differ by a constant (per-crop standardisation does that) blend into
+    a ramp: no step anywhere, where pasting each pixel from one crop jumps by the whole offset."""
+    ys, xs = blend_starts(608, 256, 16, 64), blend_starts(704, 256, 16, 64)
+    positions = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    tiles = np.arange(len(positions), dtype=np.float32)[:, None, None, None] * 100
+    blend = _Blender(positions, (608, 704), 256, 80, 1)
+    out = blend.new()
+    blend.add(out, np.broadcast_to(tiles, (len(positions), 1, 256, 256)), 0)
+    out = blend.finish(out)[0]
+    steps = max(np.abs(np.diff(out, axis=0)).max(), np.abs(np.diff(out, axis=1)).max())
+    assert steps < 0.05 * np.ptp(tiles)  # smooth: at most a few % of the offsets per pixel
+    assert out[0, 0] == pytest.approx(0) and out[-1, -1] == pytest.approx(tiles.max())
+    assert blend_starts(256, 256, 16, 64).tolist() == [0]
+    assert blend_starts(512, 256, 16, 64).tolist() == [0, 128, 256]
+    assert (blend_starts(1088, 256, 16, 64) % 16 == 0).all()
 
 
 def test_summary_matches_an_independent_computation(model, field, result):
     rec, _ = result
-    crops, _ = model.field_crops(field)
-    masks = make_masks(len(crops), 3, 16, 0.75, 3)
+    crops, _, masks, fmask = _crops_and_masks(model, field)
     ref = model.reconstruct(crops, mask=masks)
     x, _, _ = standardize(torch.from_numpy(crops.astype(np.float32)))
     x = x.numpy()
@@ -118,7 +151,7 @@ def test_summary_matches_an_independent_computation(model, field, result):
     assert list(summary["channel"]) == ["ch0", "ch1", "ch2"]
     for c in range(3):
         row = summary.iloc[c]
-        assert row["hidden_patches"] == masks[:, c].sum()
+        assert row["hidden_patches"] == fmask[c, :38, :44].sum()  # patches touching 600×700
         assert row["hidden_fraction"] == pytest.approx(rec.mask[c].mean())
         assert row["masked_error"] == pytest.approx(ref.error[:, c][masks[:, c]].mean(), rel=1e-5)
         # mean-fill baseline, patch by patch
@@ -141,7 +174,7 @@ def test_hidden_channel_is_fully_masked(model, small_field):
     assert 0.45 < rec.mask[0].mean() < 0.55 and 0.45 < rec.mask[2].mean() < 0.55
     row = rec.summary.set_index("channel").loc["ER"]
     assert row["hidden_channel"] and row["hidden_fraction"] == 1.0
-    assert row["hidden_patches"] == len(rec.positions) * 256
+    assert row["hidden_patches"] == 19 * 18  # every patch of the 300×280 field
     assert row["mean_fill_error"] == pytest.approx(1.0, abs=1e-3)  # filled with the crop's mean
     same = run(reconstruct_field(model, small_field, 0.5, seed=0, hidden_channels=[1]))
     np.testing.assert_array_equal(same.mask, rec.mask)
@@ -187,6 +220,7 @@ def test_save_writes_ome_tiffs_preview_summary_and_record(result, tmp_path):
     for kind, dtype in (
         ("masked", np.uint16),
         ("reconstruction", np.float32),
+        ("composite", np.float32),
         ("error", np.float32),
         ("mask", np.uint8),
     ):
@@ -279,7 +313,8 @@ def test_cli_subprocess_on_the_real_field(real_data, tmp_path, test_model_dir):
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in out.iterdir())
     stem = "AS_09125_050116030001_D03_s1"
-    for suffix in ("masked.ome.tif", "reconstruction.ome.tif", "error.ome.tif", "preview.png"):
+    for suffix in ("masked.ome.tif", "reconstruction.ome.tif", "composite.ome.tif",
+                   "error.ome.tif", "preview.png"):  # fmt: skip
         assert f"{stem}_{suffix}" in names
     assert "d0" in proc.stdout and "wrote" in proc.stdout
 

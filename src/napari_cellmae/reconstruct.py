@@ -1,15 +1,13 @@
 """Masked reconstruction of whole fields: tile, hide patches, predict, stitch, summarise, save.
 
 :func:`reconstruct_field` is the one computation behind the Reconstruct tab and
-``cellmae reconstruct``. A ``(C, H, W)`` field of any size is tiled into 256×256 crops
-(:mod:`napari_cellmae.tiling`); in every crop a random ``mask_ratio`` of the patches of the
-visible channels is hidden (seeded, the same for any batch size or device) and every patch of the
-``hidden_channels`` too; the model predicts every patch; the crops are stitched back.
-
-Stitching gives every pixel to ONE crop, the one whose centre is nearest (crops overlap when a side
-is not a multiple of 256): so the masked view, the mask, the reconstruction and the error of a
-pixel all come from the same crop, exactly as the model saw it (averaging overlaps would blend a
-crop where the pixel was hidden with one where it was visible).
+``cellmae reconstruct``. A ``(C, H, W)`` field of any size is padded to whole patches and cut into
+256×256 crops that overlap by at least ``overlap`` px (64) and sit on the field's own patch grid.
+ONE mask is drawn on that grid (seeded, the same for any batch size or device): ``mask_ratio`` of
+the patches of the visible channels, and every patch of the ``hidden_channels``; each crop cuts
+its mask from it, so a patch is hidden in every crop that sees it or in none. The model predicts
+every patch of every crop; the predictions and errors are blended back with weights that fall to
+~0 at each crop's edges, so no crop boundary shows as a seam.
 
 Error units are the model's: per-patch MSE between the prediction and the input standardised per
 crop and channel (mean 0, variance 1). The summary compares the model with a mean-fill baseline:
@@ -40,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .inference import CellMAEModel
 
+DEFAULT_OVERLAP = 64  # px: neighbouring crops overlap at least this much and blend across it
 SUMMARY_COLUMNS = (
     "channel",
     "hidden_channel",
@@ -63,16 +62,18 @@ class FieldReconstruction:
         (C, H, W) the input with hidden pixels set to 0, in the input's dtype.
     reconstruction : np.ndarray
         (C, H, W) float32, the prediction of every patch in the input's intensity scale (clipped
-        to the dtype's range for integer inputs).
+        to the dtype's range for integer inputs), blended across overlapping crops.
     error : np.ndarray
-        (C, H, W) float32, per-pixel copy of the per-patch MSE (standardised units) of EVERY
-        patch; ``error[mask]`` are the hidden ones, the ones the model is trained to predict.
+        (C, H, W) float32, per-patch MSE (standardised units) of EVERY patch, blended across the
+        crops that cover it; ``error[mask]`` are the hidden ones, the ones the model is trained
+        to predict.
     mask : np.ndarray
         (C, H, W) bool, True = hidden from the model.
     summary : pd.DataFrame
-        One row per channel: ``channel``, ``hidden_channel`` (bool), ``hidden_patches`` (over all
-        crops), ``hidden_fraction`` (of the field's pixels), ``masked_error`` (mean error of the
-        hidden patches), ``mean_fill_error`` (the baseline on the same patches), ``ratio``.
+        One row per channel: ``channel``, ``hidden_channel`` (bool), ``hidden_patches`` (of the
+        field), ``hidden_fraction`` (of the field's pixels), ``masked_error`` (mean error of the
+        hidden patches, over every crop that predicted them), ``mean_fill_error`` (the baseline
+        on the same patches), ``ratio``.
     channel_names : tuple of str
     hidden_channels : tuple of int
         Channels hidden completely.
@@ -96,6 +97,12 @@ class FieldReconstruction:
     seed: int
     positions: np.ndarray
     model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def composite(self) -> np.ndarray:
+        """(C, H, W) float32, the MAE figure: the visible patches pasted back from the input, the
+        model's prediction only where patches were hidden."""
+        return np.where(self.mask, self.reconstruction, self.image.astype(np.float32))
 
     def hidden_error(self) -> np.ndarray:
         """(C, H, W) float32: ``error`` on hidden pixels, 0 on visible ones."""
@@ -169,12 +176,12 @@ def resolve_channels(
 # ----------------------------------------------------------------------------------------------
 # Masks, standardisation and stitching
 # ----------------------------------------------------------------------------------------------
-def make_masks(
-    n: int, channels: int, grid: int, mask_ratio: float, seed: int, hidden: Sequence[int] = ()
+def _draw_masks(
+    n: int, channels: int, tokens: int, mask_ratio: float, seed: int, hidden: Sequence[int] = ()
 ) -> np.ndarray:
-    """(n, C, grid, grid) bool, True = hidden: every patch of the ``hidden`` channels, and in each
-    crop ``mask_ratio`` of the other channels' patches, drawn together (as MAE masking does) with
-    the seed (the same masks for any batch size or device). Every crop hides the same count."""
+    """(n, C, tokens) bool, True = hidden: every token of the ``hidden`` channels, and in each of
+    the n draws ``mask_ratio`` of the other channels' tokens, drawn together (as MAE masking
+    does) with the seed. Every draw hides the same count."""
     if not 0.0 <= float(mask_ratio) < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
     hidden = sorted(set(hidden))
@@ -184,7 +191,6 @@ def make_masks(
             f"All {channels} channels are hidden: the model needs at least one channel to see. "
             "Hide fewer channels."
         )
-    tokens = grid * grid
     m = len(visible) * tokens
     keep = int(m * (1.0 - float(mask_ratio)))  # the model's own rule: int(L · (1 − ratio)) kept
     if keep < 1:
@@ -195,7 +201,52 @@ def make_masks(
     np.put_along_axis(flat, order[:, keep:], True, axis=1)
     masks = np.ones((n, channels, tokens), dtype=bool)
     masks[:, visible] = flat.reshape(n, len(visible), tokens)
-    return masks.reshape(n, channels, grid, grid)
+    return masks
+
+
+def make_masks(
+    n: int, channels: int, grid: int, mask_ratio: float, seed: int, hidden: Sequence[int] = ()
+) -> np.ndarray:
+    """(n, C, grid, grid) bool, True = hidden: one mask per crop (see :func:`_draw_masks`), the
+    same for any batch size or device. Every crop hides the same count."""
+    return _draw_masks(n, channels, grid * grid, mask_ratio, seed, hidden).reshape(
+        n, channels, grid, grid
+    )
+
+
+def field_mask(
+    channels: int,
+    grid: tuple[int, int],
+    mask_ratio: float,
+    seed: int,
+    hidden: Sequence[int] = (),
+) -> np.ndarray:
+    """(C, gh, gw) bool, True = hidden: ONE mask on the field's own patch grid (gh × gw patches of
+    the padded field), ``mask_ratio`` of the visible channels' patches hidden. Overlapping crops
+    cut their masks from it, so a patch is hidden in every crop that sees it, or in none."""
+    gh, gw = grid
+    return _draw_masks(1, channels, gh * gw, mask_ratio, seed, hidden).reshape(channels, gh, gw)
+
+
+def blend_starts(size: int, crop: int, patch: int, min_overlap: int) -> np.ndarray:
+    """Crop starts along one axis of a padded field (``size`` a multiple of ``patch``, >= crop):
+    every start a multiple of ``patch`` (so crops share the field's patch grid), the first 0, the
+    last ``size - crop``, and neighbours overlapping by about ``min_overlap`` px or more (the
+    rounding to whole patches can take up to half a patch off)."""
+    if size <= crop:
+        return np.zeros(1, dtype=np.int64)
+    stride = max(patch, crop - int(min_overlap))
+    n = -(-(size - crop) // stride) + 1
+    return (np.round(np.linspace(0, size - crop, n) / patch) * patch).astype(np.int64)
+
+
+def blend_window(crop: int, ramp: int) -> np.ndarray:
+    """(crop, crop) float32 weights: 1 in the middle, falling linearly to ~0 over ``ramp`` px at
+    each edge (never exactly 0, so a pixel only one crop covers keeps that crop's value)."""
+    i = np.arange(crop, dtype=np.float64)
+    edge = np.minimum(i, crop - 1 - i) + 0.5
+    w = np.clip(edge / max(1, int(ramp)), 1e-3, 1.0)
+    return np.outer(w, w).astype(np.float32)
 
 
 def standardize_crops(crops: np.ndarray, eps: float) -> np.ndarray:
@@ -223,29 +274,34 @@ def mean_fill_error(x_std: np.ndarray, masks: np.ndarray, patch: int) -> np.ndar
     return (s2 - 2 * fill * s1 + fill**2).astype(np.float32)
 
 
-def owned_bounds(starts: np.ndarray, size: int, crop: int) -> list[tuple[int, int]]:
-    """Along one axis, the [lo, hi) each crop owns: every pixel goes to the crop whose centre is
-    nearest (the boundary is the middle of each overlap)."""
-    starts = [int(s) for s in starts]
-    cuts = [(a + b + crop) // 2 for a, b in itertools.pairwise(starts)]
-    return list(itertools.pairwise([0, *cuts, size]))
+class _Blender:
+    """Accumulate per-crop outputs into a field: a weighted mean over the crops covering each
+    pixel, each crop's weight falling off towards its edges (:func:`blend_window`), so no crop
+    boundary shows as a seam."""
 
-
-class _Stitcher:
-    """Paste per-crop outputs into a field, each pixel from the crop that owns it."""
-
-    def __init__(self, positions: np.ndarray, shape: tuple[int, int], crop: int) -> None:
-        ys = np.unique(positions[:, 0])
-        xs = np.unique(positions[:, 1])
-        self.rows = dict(zip(ys.tolist(), owned_bounds(ys, shape[0], crop)))
-        self.cols = dict(zip(xs.tolist(), owned_bounds(xs, shape[1], crop)))
+    def __init__(
+        self, positions: np.ndarray, shape: tuple[int, int], crop: int, ramp: int, channels: int
+    ) -> None:
         self.positions = positions
+        self.crop = crop
+        self.window = blend_window(crop, ramp)
+        self.weight = np.zeros(shape, np.float32)
+        for y, x in positions.tolist():
+            self.weight[y : y + crop, x : x + crop] += self.window
+        self.channels = channels
 
-    def paste(self, out: np.ndarray, tiles: np.ndarray, first: int) -> None:
-        """out (C, H, W) <- tiles (b, C, crop, crop) of crops ``first .. first + b``."""
+    def new(self) -> np.ndarray:
+        return np.zeros((self.channels, *self.weight.shape), np.float32)
+
+    def add(self, out: np.ndarray, tiles: np.ndarray, first: int) -> None:
+        """out (C, H, W) += window · tiles (b, C, crop, crop) of crops ``first .. first + b``."""
+        c = self.crop
         for tile, (y, x) in zip(tiles, self.positions[first : first + len(tiles)].tolist()):
-            (y0, y1), (x0, x1) = self.rows[y], self.cols[x]
-            out[:, y0:y1, x0:x1] = tile[:, y0 - y : y1 - y, x0 - x : x1 - x]
+            out[:, y : y + c, x : x + c] += self.window * tile
+
+    def finish(self, out: np.ndarray) -> np.ndarray:
+        out /= self.weight
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,6 +315,7 @@ def reconstruct_field(
     hidden_channels: Sequence[int | str] = (),
     batch_size: int | None = None,
     channel_names: Sequence[str] | None = None,
+    overlap: int = DEFAULT_OVERLAP,
 ) -> ProgressGenerator[FieldReconstruction]:
     """Hide patches of a whole field and let the model predict them (a progress generator).
 
@@ -279,6 +336,8 @@ def reconstruct_field(
         Crops per forward pass (default by device; halved automatically on out-of-memory).
     channel_names : sequence of str, optional
         Names for the summary and outputs (default ``ch0``, ``ch1`` …).
+    overlap : int
+        Least overlap (px) of neighbouring crops; their outputs blend across it (default 64).
 
     Yields
     ------
@@ -301,17 +360,30 @@ def reconstruct_field(
         raise ValueError(f"Got {len(names)} channel names for {c} channels: give one per channel.")
     names = names or tuple(f"ch{i}" for i in range(c))
     check_model_channels(model, c)
+    if int(overlap) < 0:
+        raise ValueError(f"overlap must be >= 0 px, got {overlap}.")
     hidden = tuple(sorted(resolve_channels(hidden_channels, names)))
     p, g = model.patch_size, model.config.grid_size
+    size = model.config.img_size
 
-    crops, positions = model.field_crops(image)  # pads sides shorter than a crop
-    n, size = len(crops), crops.shape[-1]
-    padded = (max(h, size), max(w, size))
-    masks = make_masks(n, c, g, mask_ratio, seed, hidden)
-    stitch = _Stitcher(positions, padded, size)
-    rec_px = np.zeros((c, *padded), np.float32)
-    err_px = np.zeros((c, *padded), np.float32)
-    mask_px = np.zeros((c, *padded), bool)
+    # Pad to whole patches (and at least one crop), cut overlapping crops on the field's patch grid
+    padded = tiling.pad_to_min(image, size)
+    ph, pw = (-(-s // p) * p for s in padded.shape[-2:])
+    if (ph, pw) != padded.shape[-2:]:
+        pad = [(0, 0), (0, ph - padded.shape[-2]), (0, pw - padded.shape[-1])]
+        padded = np.pad(padded, pad, mode="reflect")
+    ys, xs = (blend_starts(s, size, p, overlap) for s in (ph, pw))
+    positions = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
+    pairs = [*itertools.pairwise(ys.tolist()), *itertools.pairwise(xs.tolist())]
+    overlaps = [size - (b - a) for a, b in pairs]
+    ramp = max(1, min(overlaps)) if overlaps else size // 2
+    crops = tiling.extract_crops(padded, positions, size)
+    n = len(crops)
+
+    fmask = field_mask(c, (ph // p, pw // p), mask_ratio, seed, hidden)
+    masks = np.stack([fmask[:, y // p : y // p + g, x // p : x // p + g] for y, x in positions])
+    blend = _Blender(positions, (ph, pw), size, ramp, c)
+    rec_px, err_px = blend.new(), blend.new()
     model_err = np.zeros((n, c, g, g), np.float32)
     fill_err = np.zeros((n, c, g, g), np.float32)
 
@@ -326,23 +398,25 @@ def reconstruct_field(
         fill_err[sl] = mean_fill_error(
             standardize_crops(crops[sl], model.config.input_eps), masks[sl], p
         )
-        stitch.paste(rec_px, rec.reconstruction, start)
-        stitch.paste(err_px, tiling.upsample_patches(rec.error, p), start)
-        stitch.paste(mask_px, tiling.upsample_patches(masks[sl], p), start)
+        blend.add(rec_px, rec.reconstruction, start)
+        blend.add(err_px, tiling.upsample_patches(rec.error, p), start)
         yield Progress(sl.stop, n, f"reconstructed {sl.stop}/{n} tiles")
 
-    rec_px, err_px, mask_px = rec_px[:, :h, :w], err_px[:, :h, :w], mask_px[:, :h, :w]
+    rec_px = blend.finish(rec_px)[:, :h, :w]
+    err_px = blend.finish(err_px)[:, :h, :w]
+    mask_px = tiling.upsample_patches(fmask, p)[:, :h, :w]
     if np.issubdtype(image.dtype, np.integer):
         info = np.iinfo(image.dtype)
         np.clip(rec_px, info.min, info.max, out=rec_px)
     masked = np.where(mask_px, np.zeros((), image.dtype), image)
+    field_hidden = fmask[:, : -(-h // p), : -(-w // p)]  # the patches that touch the field
     return FieldReconstruction(
         image=image,
         masked=masked,
         reconstruction=np.ascontiguousarray(rec_px),
         error=np.ascontiguousarray(err_px),
         mask=np.ascontiguousarray(mask_px),
-        summary=summarize(model_err, fill_err, masks, mask_px, names, hidden),
+        summary=summarize(model_err, fill_err, masks, field_hidden, mask_px, names, hidden),
         channel_names=names,
         hidden_channels=hidden,
         mask_ratio=float(mask_ratio),
@@ -362,11 +436,14 @@ def summarize(
     model_err: np.ndarray,
     fill_err: np.ndarray,
     masks: np.ndarray,
+    field_hidden: np.ndarray,
     mask_px: np.ndarray,
     names: Sequence[str],
     hidden: Sequence[int],
 ) -> pd.DataFrame:
-    """The per-channel summary table (see :class:`FieldReconstruction`)."""
+    """The per-channel summary table (see :class:`FieldReconstruction`): ``hidden_patches``
+    counts the field's hidden patches (``field_hidden``, (C, gh, gw)); the errors average every
+    prediction of a hidden patch, one per crop that covers it (``masks``, (n, C, g, g))."""
     import pandas as pd
 
     rows = []
@@ -379,7 +456,7 @@ def summarize(
             {
                 "channel": name,
                 "hidden_channel": i in hidden,
-                "hidden_patches": count,
+                "hidden_patches": int(field_hidden[i].sum()),
                 "hidden_fraction": float(mask_px[i].mean()),
                 "masked_error": ours,
                 "mean_fill_error": base,
@@ -439,9 +516,10 @@ def _block_mean(stack: np.ndarray, step: int) -> np.ndarray:
 
 
 def write_preview(path: str | os.PathLike, result: FieldReconstruction, dpi: int = 100) -> Path:
-    """A PNG montage, one row per channel: input | masked | reconstruction | error of the hidden
-    patches (standardised units on a fixed 0..2 scale, where 1 ≈ the mean-fill baseline; visible
-    patches grey)."""
+    """A PNG montage, one row per channel: input | masked | reconstruction (visible patches pasted
+    back, hidden ones predicted: the MAE figure) | prediction (the model's output for every patch)
+    | error of the hidden patches (standardised units on a fixed 0..2 scale, where 1 ≈ the
+    mean-fill baseline; visible patches grey)."""
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in worker threads
 
@@ -450,14 +528,14 @@ def write_preview(path: str | os.PathLike, result: FieldReconstruction, dpi: int
     c, h, w = result.image.shape
     side = 2.4
     fig = Figure(
-        figsize=(4 * side * min(1.5, w / h) + 1.2, c * side + 0.6), dpi=dpi, layout="constrained"
+        figsize=(5 * side * min(1.5, w / h) + 1.2, c * side + 0.6), dpi=dpi, layout="constrained"
     )
-    axes = fig.subplots(c, 4, squeeze=False)
+    views = ("image", "masked", "composite", "reconstruction")
+    axes = fig.subplots(c, len(views) + 1, squeeze=False)
     cmap = matplotlib.colormaps["magma"].with_extremes(bad="0.8")
     step = max(1, -(-max(h, w) // 512))  # panels are ~240 px: draw at most 512 px per side
     small = {
-        kind: _block_mean(np.asarray(getattr(result, kind), np.float32), step)
-        for kind in ("image", "masked", "reconstruction")
+        kind: _block_mean(np.asarray(getattr(result, kind), np.float32), step) for kind in views
     }
     err = np.ma.masked_array(result.error, mask=~result.mask)[
         :, step // 2 :: step, step // 2 :: step
@@ -467,20 +545,21 @@ def write_preview(path: str | os.PathLike, result: FieldReconstruction, dpi: int
     for i, name in enumerate(result.channel_names):
         lo, hi = np.percentile(result.image[i], (0.5, 99.8))
         hi = hi if hi > lo else lo + 1
-        for j, kind in enumerate(("image", "masked", "reconstruction")):
+        for j, kind in enumerate(views):
             axes[i, j].imshow(small[kind][i], cmap="gray", vmin=lo, vmax=hi, interpolation="none")
-        shown = axes[i, 3].imshow(err[i], cmap=cmap, vmin=0, vmax=2, interpolation="none")
+        shown = axes[i, -1].imshow(err[i], cmap=cmap, vmin=0, vmax=2, interpolation="none")
         row = summary.loc[name]
         axes[i, 0].set_ylabel(f"{name}{' (hidden)' if row['hidden_channel'] else ''}")
-        axes[i, 3].set_xlabel(
+        axes[i, -1].set_xlabel(
             f"error {row['masked_error']:.3f}, mean-fill {row['mean_fill_error']:.3f}", fontsize=8
         )
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    for j, title in enumerate(("input", "masked", "reconstruction", "error (hidden patches)")):
+    titles = ("input", "masked", "reconstruction", "prediction", "error (hidden patches)")
+    for j, title in enumerate(titles):
         axes[0, j].set_title(title, fontsize=10)
-    fig.colorbar(shown, ax=axes[:, 3].tolist(), shrink=0.9, label="MSE (standardised)")
+    fig.colorbar(shown, ax=axes[:, -1].tolist(), shrink=0.9, label="MSE (standardised)")
     fig.suptitle(
         f"{result.model.get('name', '')}: mask ratio {result.mask_ratio:g}, seed {result.seed}",
         fontsize=10,
@@ -498,7 +577,9 @@ def save_reconstruction(
 ) -> dict[str, Path]:
     """Write a reconstruction beside its run record (every file atomically).
 
-    Files (``<stem>_…``): ``masked.ome.tif`` (input dtype), ``reconstruction.ome.tif`` (float32),
+    Files (``<stem>_…``): ``masked.ome.tif`` (input dtype), ``reconstruction.ome.tif`` (float32,
+    the prediction of every patch), ``composite.ome.tif`` (float32, visible patches from the input,
+    hidden ones predicted),
     ``error.ome.tif`` (float32, every patch), ``mask.ome.tif`` (uint8, 1 = hidden),
     ``preview.png``, ``summary.parquet`` + ``summary.csv`` and ``run.json`` (model id and checksum,
     mask ratio, seed, hidden channels, channel names, the files, and ``extra``).
@@ -518,9 +599,9 @@ def save_reconstruction(
             out / f"{stem}_{kind}.ome.tif",
             getattr(result, kind),
             names,
-            compression=None if kind == "reconstruction" else "zlib",
+            compression=None if kind in ("reconstruction", "composite") else "zlib",
         )
-        for kind in ("masked", "reconstruction", "error", "mask")
+        for kind in ("masked", "reconstruction", "composite", "error", "mask")
     }
     paths["preview"] = write_preview(out / f"{stem}_preview.png", result)
     paths["summary"] = write_table_atomic(

@@ -58,7 +58,7 @@ def _outputs(viewer):
     return [layer.name for layer in viewer.layers if OUTPUT_KEY in layer.metadata]
 
 
-def test_real_field_gives_the_three_views_and_rerun_updates_them(panel, qtbot, real_data):
+def test_real_field_gives_the_four_views_and_rerun_updates_them(panel, qtbot, real_data):
     viewer = panel.viewer
     _open(panel, qtbot, real_data / "ExampleHuman", "D03")
     tab = panel.tabs["Reconstruct"]
@@ -70,16 +70,24 @@ def test_real_field_gives_the_three_views_and_rerun_updates_them(panel, qtbot, r
     tab.seed.setValue(1)
     assert _press(panel, qtbot, tab) == "done"
 
-    names = ["masked d0", "masked d1", "masked d2", "reconstruction d0", "reconstruction d1"]
-    assert {*names, "reconstruction d2", ERROR_LAYER} == set(_outputs(viewer))
+    kinds = ("masked", "reconstruction", "prediction")
+    names = [f"{kind} d{c}" for kind in kinds for c in range(3)]
+    assert {*names, ERROR_LAYER} == set(_outputs(viewer))
     assert viewer.layers[-1].name == ERROR_LAYER  # the heatmap is on top
-    for name in (*names, "reconstruction d2", ERROR_LAYER):
+    for name in (*names, ERROR_LAYER):
         assert viewer.layers[name].data.shape == (512, 512)
     d0 = viewer.layers["d0"]
     rec0, masked0 = viewer.layers["reconstruction d0"], viewer.layers["masked d0"]
     assert rec0.colormap.name == d0.colormap.name and masked0.colormap.name == d0.colormap.name
     np.testing.assert_allclose(rec0.contrast_limits, d0.contrast_limits)
     assert masked0.translate[-1] > 512 and rec0.translate[-1] > masked0.translate[-1]
+    pred0 = viewer.layers["prediction d0"]
+    assert pred0.translate[-1] > rec0.translate[-1] and pred0.colormap.name == d0.colormap.name
+    # the MAE figure: visible patches are the input's pixels, hidden ones the model's prediction
+    hid = tab.result.mask[0]
+    np.testing.assert_array_equal(rec0.data[~hid], np.asarray(d0.data, np.float32)[~hid])
+    np.testing.assert_array_equal(rec0.data[hid], pred0.data[hid])
+    assert not np.array_equal(pred0.data[~hid], rec0.data[~hid])  # raw output differs there
     np.testing.assert_allclose(viewer.layers[ERROR_LAYER].translate, masked0.translate)
     overlay = viewer.layers[ERROR_LAYER].data  # hidden patches only: visible ones are 0
     hidden_any = tab.result.mask.any(axis=0)
@@ -87,7 +95,7 @@ def test_real_field_gives_the_three_views_and_rerun_updates_them(panel, qtbot, r
     assert 0.45 < (masked0.data == 0).mean() < 0.6  # half of the patches hidden (plus dark pixels)
     assert tab.summary_table.rowCount() == 3
     assert tab.summary_table.item(0, 0).text() == "d0"
-    assert "3 channels, 4 tiles, mask ratio 0.5, seed 1" in tab.message.text()
+    assert "3 channels, 9 tiles, mask ratio 0.5, seed 1" in tab.message.text()
     assert tab.result.model["source"] == panel.model_source()
 
     # hide d1 through its checkbox, new seed: the same layers are updated in place
@@ -128,7 +136,7 @@ def test_ticked_layers_hidden_channel_save_and_writer(make_napari_viewer, qtbot,
     assert _press(widget, qtbot, tab) == "done"
     assert sorted(_outputs(viewer)) == sorted(
         ["masked nuclei", "masked actin", "reconstruction nuclei", "reconstruction actin",
-         ERROR_LAYER]
+         "prediction nuclei", "prediction actin", ERROR_LAYER]
     )  # fmt: skip
     assert not viewer.layers["masked actin"].data.any()
     assert viewer.layers["reconstruction actin"].data.shape == (200, 300)

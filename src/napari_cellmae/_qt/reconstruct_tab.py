@@ -4,7 +4,9 @@ Channels are the Image layers ticked in the channel table (a field opened by the
 own layers); "hide" hides a whole channel (predict a missing stain). **Reconstruct masked view**
 runs :func:`napari_cellmae.reconstruct.reconstruct_field` in the panel's task runner and shows,
 side by side with stable names, input | ``masked <channel>`` | ``reconstruction <channel>`` (the
-input's colormap and contrast), and a ``reconstruction error`` heatmap on top, over the holes of
+MAE figure: visible patches pasted back from the input, hidden ones predicted) | ``prediction
+<channel>`` (the model's raw output for every patch), all in the input's colormap and contrast,
+and a ``reconstruction error`` heatmap on top, over the holes of
 the masked view (hidden patches only, averaged over the channels hidden there; 0..2 standardised
 MSE, 1 ≈ the mean-fill baseline; visible patches transparent). Running again updates the same
 layers.
@@ -53,7 +55,20 @@ def masked_name(channel: str) -> str:
 
 
 def reconstruction_name(channel: str) -> str:
+    """The MAE figure: visible patches from the input, hidden ones predicted."""
     return f"reconstruction {channel}"
+
+
+def prediction_name(channel: str) -> str:
+    """The model's raw output for every patch, visible ones too."""
+    return f"prediction {channel}"
+
+
+VIEWS = (  # kind, attribute of FieldReconstruction, layer name, views to the right of the input
+    ("masked", "masked", masked_name, 1),
+    ("reconstruction", "composite", reconstruction_name, 2),
+    ("prediction", "reconstruction", prediction_name, 3),
+)
 
 
 def error_colormap() -> Any:
@@ -338,13 +353,12 @@ class ReconstructTab(QWidget):
         w = result.image.shape[-1]
         record = result.record()
         made = []
+        arrays = {attribute: getattr(result, attribute) for _, attribute, _, _ in VIEWS}
         for i, (name, style) in enumerate(zip(result.channel_names, sources)):
             step = self._step(style, w)
-            for kind, data, offset in (
-                ("masked", result.masked[i], 1),
-                ("reconstruction", result.reconstruction[i], 2),
-            ):
-                layer_name = (masked_name if kind == "masked" else reconstruction_name)(name)
+            for kind, attribute, layer_name_of, offset in VIEWS:
+                data = arrays[attribute][i]
+                layer_name = layer_name_of(name)
                 kwargs = {
                     "colormap": style["colormap"],
                     "contrast_limits": style["contrast_limits"],
@@ -392,7 +406,7 @@ class ReconstructTab(QWidget):
 
     @staticmethod
     def _step(style: dict[str, Any], width: int) -> np.ndarray:
-        """World offset from one view to the next (input | masked | reconstruction)."""
+        """World offset from one view to the next (input | masked | reconstruction | prediction)."""
         step = np.zeros_like(style["translate"])
         step[-1] = (width + max(8, round(0.04 * width))) * style["scale"][-1]
         return step

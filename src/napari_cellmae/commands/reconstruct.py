@@ -2,12 +2,15 @@
 
 FIELD_OR_PLATE is a plate folder (pick the field with --well/--site; default: the first complete
 field), one image file of a plate (its whole field, every channel), or a multi-channel TIFF
-(OME-TIFF channel names are used). Large fields are tiled into 256×256 crops, each with its own
-random mask (--seed makes it reproducible).
+(OME-TIFF channel names are used). Large fields are tiled into overlapping 256×256 crops that
+blend into each other (no seams); one random mask covers the whole field (--seed makes it
+reproducible).
 
-Writes into --out, named after the field: <field>_masked.ome.tif, <field>_reconstruction.ome.tif,
-<field>_error.ome.tif (per-patch MSE in standardised units), <field>_mask.ome.tif (1 = hidden),
-<field>_preview.png (input | masked | reconstruction | error per channel), <field>_summary.csv
+Writes into --out, named after the field: <field>_masked.ome.tif, <field>_reconstruction.ome.tif
+(the prediction of every patch), <field>_composite.ome.tif (visible patches from the input, hidden
+ones predicted), <field>_error.ome.tif (per-patch MSE in standardised units),
+<field>_mask.ome.tif (1 = hidden), <field>_preview.png (input | masked | reconstruction |
+prediction | error per channel), <field>_summary.csv
 (+ .parquet: per channel, mean error of the hidden patches vs a mean-fill baseline), and
 <field>_run.json (model and checksum, mask ratio, seed, hidden channels, channel names).
 

@@ -41,6 +41,7 @@ def test_wheel_ships_manifest(tmp_path):
     (wheel,) = tmp_path.glob("napari_cellmae-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "napari_cellmae/napari.yaml" in names
+    assert "napari_cellmae/_napari/samples/bbbc022-u2os-A14-s1.ome.tif" in names  # real sample
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "napari-cellmae = napari_cellmae:napari.yaml" in text

@@ -3,9 +3,11 @@ one file -> its whole field; layers named by channel, additive, 16-bit kept."""
 
 import numpy as np
 import pytest
+import tifffile
 
 from napari_cellmae._napari.reader import get_reader
 from napari_cellmae._qt.layers import (
+    FIELD_KEY,
     PLATE_MAP_KEY,
     channel_colormaps,
     field_at_point,
@@ -113,8 +115,19 @@ def test_colormaps_follow_stain_names():
     assert len(set(channel_colormaps([f"c{i}" for i in range(8)]))) == 8
 
 
-def test_sample_data(make_napari_viewer):
+def test_sample_data(make_napari_viewer, real_data):
     viewer = make_napari_viewer()
+    # the real field shipped in the package: BBBC022's pixels, unchanged, with their source
+    viewer.open_sample("napari-cellmae", "bbbc022-field")
+    assert [layer.name for layer in viewer.layers] == ["DNA", "ER", "RNA", "AGP", "Mito"]
+    dna = viewer.layers["DNA"]
+    assert dna.data.shape == (520, 696) and dna.data.dtype == np.uint16
+    source = real_data / "bbbc022-cellpainting" / "plate1_A14_site1_Ch1.tif"
+    np.testing.assert_array_equal(dna.data, tifffile.imread(source))
+    source_text = dna.metadata[FIELD_KEY]["source"]
+    assert "BBBC022" in source_text and "CC0" in source_text
+    assert dna.colormap.name == "blue" and tuple(dna.scale) == (0.656, 0.656)
+    viewer.layers.clear()
     viewer.open_sample("napari-cellmae", "synthetic-field")
     assert [layer.name for layer in viewer.layers] == ["DNA", "ER", "RNA", "AGP", "Mito"]
     assert viewer.layers["DNA"].data.shape == (512, 512)

@@ -1,5 +1,6 @@
-"""Sample data: a synthetic Cell Painting field, and a synthetic mini plate written once
-(deterministically) into the user's cache folder and opened like any plate folder."""
+"""Sample data: one real Cell Painting field shipped in the package (BBBC022, CC0), a synthetic
+Cell Painting field, and a synthetic mini plate written once (deterministically) into the user's
+cache folder and opened like any plate folder."""
 
 from __future__ import annotations
 
@@ -11,6 +12,38 @@ from pathlib import Path
 from typing import Any
 
 MINI_PLATE_VERSION = "v2"
+REAL_SAMPLE = Path(__file__).parent / "samples" / "bbbc022-u2os-A14-s1.ome.tif"
+REAL_SAMPLE_CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
+REAL_SAMPLE_PIXEL_UM = 0.656
+REAL_SAMPLE_SOURCE = (
+    "BBBC022 Cell Painting (Gustafsdottir et al. 2013, PLOS ONE 8(12):e80999), U2OS cells, plate "
+    "20585, well A14, site 1, 20x ImageXpress Micro, illumination-corrected; Broad Bioimage "
+    "Benchmark Collection, CC0. Channels: Hoechst 33342 (DNA), ConA (ER), SYTO14 (RNA), "
+    "WGA + phalloidin (AGP), MitoTracker Deep Red (Mito)."
+)
+
+
+def real_field() -> list[tuple[Any, dict[str, Any], str]]:
+    """The real BBBC022 Cell Painting field shipped in the package: 5 stains, 520×696, 16-bit,
+    0.656 µm pixels; its source and licence in each layer's metadata."""
+    import tifffile
+
+    from .._qt.layers import field_layer_data
+
+    field = tifffile.imread(REAL_SAMPLE)
+    metadata = {
+        "source": REAL_SAMPLE_SOURCE,
+        "licence": "CC0",
+        "pixel_size_um": REAL_SAMPLE_PIXEL_UM,
+        "Metadata_Plate": "BBBC022-20585",
+        "Metadata_Well": "A14",
+        "Metadata_Site": 1,
+    }
+    layers = field_layer_data(field, list(REAL_SAMPLE_CHANNELS), metadata=metadata)
+    for _, kwargs, _ in layers:
+        kwargs["scale"] = (REAL_SAMPLE_PIXEL_UM, REAL_SAMPLE_PIXEL_UM)
+        kwargs["units"] = "µm"
+    return layers
 
 
 def synthetic_field() -> list[tuple[Any, dict[str, Any], str]]:

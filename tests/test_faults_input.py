@@ -350,3 +350,18 @@ def test_load_model_loads_the_weights_file_it_is_given(test_model_dir, tmp_path)
     assert model.checksum != load_model(folder, device="cpu").checksum
     with pytest.raises(FileNotFoundError, match="other2.bin does not exist"):
         load_model(folder / "other2.bin")
+
+
+@pytest.mark.parametrize("command", ["embed", "qc", "reconstruct"])
+def test_out_naming_an_existing_file_is_an_error_not_a_traceback(
+    faulty, test_model_dir, tmp_path, command, capsys
+):
+    plate, before = faulty
+    target = tmp_path / "notes.txt"
+    target.write_text("the user's own file\n")
+    argv = [command, str(plate), "--out", str(target)]
+    argv += ["--classic-only"] if command == "qc" else ["--model", str(test_model_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(target) in err and "Traceback" not in err
+    assert target.read_text() == "the user's own file\n" and checksums(plate) == before

@@ -123,10 +123,14 @@ class CellMAEConfig:
             value = getattr(self, name)
             if name == "layer_scale_init" and value is None:
                 continue
+            closed = name == "layer_scale_init"  # 0 is a valid (if odd) LayerScale start
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 bad.append(f"{name} {value!r} (a number in ({low}, {high}])")
-            elif not low < value <= high:
-                bad.append(f"{name} {value!r} (in ({low}, {high}])")
+            elif not (low <= value if closed else low < value) or not value <= high:
+                bad.append(f"{name} {value!r} (in {'[' if closed else '('}{low}, {high}])")
+        for name in ("legacy_bias", "qk_norm", "fc_norm"):
+            if not isinstance(getattr(self, name), bool):
+                bad.append(f"{name} {getattr(self, name)!r} (true or false)")
         if not bad and self.patch_size > self.img_size:
             bad.append(f"patch_size {self.patch_size} (at most img_size {self.img_size})")
         if not bad and (self.img_size // self.patch_size) ** 2 > MAX_TOKENS_PER_CHANNEL:

@@ -365,3 +365,15 @@ def test_out_naming_an_existing_file_is_an_error_not_a_traceback(
     err = capsys.readouterr().err
     assert str(target) in err and "Traceback" not in err
     assert target.read_text() == "the user's own file\n" and checksums(plate) == before
+
+
+def test_a_refused_stack_is_judged_from_its_header_not_decoded(tmp_path, monkeypatch):
+    path = tmp_path / "A01_s1_w1.tif"
+    tifffile.imwrite(path, np.zeros((5, 64, 64), np.uint16), photometric="minisblack")
+
+    def decode(*args, **kwargs):
+        raise AssertionError("the pixels of a refused file were decoded")
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", decode)
+    with pytest.raises(PlaneError, match="5 pages"):
+        read_channel(path)

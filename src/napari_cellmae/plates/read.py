@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -67,12 +67,16 @@ _PAGES = "pages (a Z stack, a time series, or channels without a declared channe
 _AXIS_WORDS = {"Z": "Z planes (a Z stack)", "T": "time points", "I": _PAGES, "Q": _PAGES}
 
 
-def _read_planes(path: str | os.PathLike) -> tuple[np.ndarray, _Layout]:
+def _read_planes(
+    path: str | os.PathLike, check: Callable[[_Layout], None] | None = None
+) -> tuple[np.ndarray, _Layout]:
+    """``(P, H, W)`` planes and their layout; ``check(layout)`` may refuse the file before its
+    pixels are decoded (TIFF: from the header alone, so a large Z stack is never read)."""
     path = Path(path)
     ext = path.suffix.lower()
     try:
         if ext in _TIFF:
-            planes, layout = _read_tiff(path)
+            planes, layout = _read_tiff(path, check)
         else:
             import imagecodecs
 
@@ -86,7 +90,9 @@ def _read_planes(path: str | os.PathLike) -> tuple[np.ndarray, _Layout]:
             image = np.asarray(image)
             planes = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
             layout = _Layout(1, 1 if image.ndim == 2 else image.shape[-1], {})
-    except (CorruptFileError, MemoryError):
+            if check is not None:
+                check(layout)
+    except (CorruptFileError, PlaneError, MemoryError):
         raise
     except PermissionError:
         raise FileAccessError(
@@ -128,11 +134,30 @@ def read_channel(path: str | os.PathLike, multichannel: bool = False) -> np.ndar
     ``multichannel`` (the plate has one file per field); otherwise it is refused too. Float images
     with NaN or infinite values raise :class:`NonFiniteError`.
     """
-    planes, layout = _read_planes(path)
+
+    def rule(layout: _Layout) -> None:
+        _check_planes(path, layout, multichannel)
+
+    planes, _ = _read_planes(path, rule)
+    if planes.dtype.kind in "fc":
+        bad = int(planes.size - np.count_nonzero(np.isfinite(planes)))
+        if bad:
+            raise NonFiniteError(
+                f"{path} has {bad} NaN or infinite pixel values ({100 * bad / planes.size:.2g}% "
+                "of the image): intensities must be finite; re-export it with finite values "
+                "(e.g. 0 where a correction divided by zero), or leave the field out"
+            )
+    return planes
+
+
+def _check_planes(path: str | os.PathLike, layout: _Layout, multichannel: bool) -> None:
+    """PlaneError when ``layout`` cannot be one channel (see :func:`read_channel`)."""
     found = []
     if layout.samples > 1:
-        kind = {3: "RGB", 4: "RGBA", 2: "grey + alpha"}.get(layout.samples, "multi-sample")
-        found.append(f"an {kind} image ({layout.samples} samples per pixel)")
+        kind = {3: "an RGB", 4: "an RGBA", 2: "a grey + alpha"}.get(
+            layout.samples, "a multi-sample"
+        )
+        found.append(f"{kind} image ({layout.samples} samples per pixel)")
     for axis, n in layout.other.items():
         if n > 1:
             found.append(f"{n} {_AXIS_WORDS.get(axis, f'planes along axis {axis}')}")
@@ -145,26 +170,18 @@ def read_channel(path: str | os.PathLike, multichannel: bool = False) -> np.ndar
             "export each channel as a single-plane grayscale image (a Z stack: the plane you want, "
             "or its maximum projection), or leave the field out"
         )
-    if planes.dtype.kind in "fc":
-        bad = int(planes.size - np.count_nonzero(np.isfinite(planes)))
-        if bad:
-            raise NonFiniteError(
-                f"{path} has {bad} NaN or infinite pixel values ({100 * bad / planes.size:.2g}% "
-                "of the image): intensities must be finite; re-export it with finite values "
-                "(e.g. 0 where a correction divided by zero), or leave the field out"
-            )
-    return planes
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, _Layout]:
+def _read_tiff(
+    path: Path, check: Callable[[_Layout], None] | None = None
+) -> tuple[np.ndarray, _Layout]:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         if not tif.series:
             raise CorruptFileError(f"{path} holds no image: it is truncated or corrupt")
         series = tif.series[0]
-        data = series.asarray(maxworkers=1)  # the prefetch pool already runs files in parallel
-        axes = series.axes
+        axes, shape = series.axes, tuple(series.shape)
         # pages written one by one (no shared metadata) come as one series per page: stack the
         # ones like the first (skipping thumbnails and other sizes)
         alike = [
@@ -172,17 +189,22 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, _Layout]:
             for s in tif.series[1:]
             if s.shape == series.shape and s.dtype == series.dtype and s.axes == axes
         ]
-        if alike and axes == "YX":
+        stack_alike = bool(alike) and axes == "YX"
+        if stack_alike:
+            axes, shape = "IYX", (1 + len(alike), *shape)
+        sizes = dict(zip(axes, shape))
+        layout = _Layout(
+            channels=sizes.get("C", 1),
+            samples=sizes.get("S", 1),
+            other={a: n for a, n in sizes.items() if a not in "CSYX"},
+        )
+        if check is not None and "Y" in axes and "X" in axes:
+            check(layout)  # from the header: a refused file is not decoded
+        data = series.asarray(maxworkers=1)  # the prefetch pool already runs files in parallel
+        if stack_alike:
             data = np.stack([data, *(s.asarray(maxworkers=1) for s in alike)])
-            axes = "IYX"
     if data.size == 0 or "Y" not in axes or "X" not in axes:
         raise CorruptFileError(f"{path} holds no 2-D image (axes {axes!r}, shape {data.shape})")
-    sizes = dict(zip(axes, data.shape))
-    layout = _Layout(
-        channels=sizes.get("C", 1),
-        samples=sizes.get("S", 1),
-        other={a: n for a, n in sizes.items() if a not in "CSYX"},
-    )
     # channels and samples become planes; any other axis (T, Z …) is taken at its first index
     # when a channel axis exists, else flattened into planes (a plain multi-page file)
     has_channels = any(a in axes for a in _CHANNEL_AXES)

@@ -122,7 +122,8 @@ def test_embed_records_every_bad_file_keeps_every_good_field_and_retries_fixed_f
         assert errors.loc[well, "error_type"] == kind
         assert bad_file(work, well) in errors.loc[well, "error"]
         assert words in errors.loc[well, "error"]
-    assert checksums(work) == before  # inputs untouched
+    assert checksums(work) == before  # inputs untouched, nothing added to the plate folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb", "plate"]  # nothing outside --out
 
     # the user replaces the RGB file with a proper one: the rerun embeds that well
     fixed = Path(bad_file(work, "D04"))
@@ -160,6 +161,7 @@ def test_qc_names_every_bad_file_and_measures_the_rest(faulty, tmp_path, executo
     fields = pd.read_csv(out / "qc_fields.csv").set_index("Metadata_Well")
     assert (fields.loc[list(FAULTS), "QC_Class"] == "unreadable").all()
     assert checksums(plate) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["qc"]  # nothing written outside --out
 
 
 def test_qc_wells_with_unreadable_images_are_measured_again(faulty, tmp_path, capsys):

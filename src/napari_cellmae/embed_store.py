@@ -58,7 +58,7 @@ def safe_name(name: str) -> str:
     if safe == name and name and not name.startswith("."):
         return name
     digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    return f"{safe.lstrip('.') or '_'}-{digest}"
+    return f"{safe.lstrip('.')[:200] or '_'}-{digest}"  # within any file system's name limit
 
 
 def well_dir(out_dir: str | os.PathLike, plate: str, well: str) -> Path:

@@ -379,3 +379,19 @@ def test_a_refused_stack_is_judged_from_its_header_not_decoded(tmp_path, monkeyp
     monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", decode)
     with pytest.raises(PlaneError, match="5 pages"):
         read_channel(path)
+
+
+def test_an_unreadable_plate_folder_is_reported_as_permission_denied(tmp_path, monkeypatch):
+    plate = tmp_path / "plate"
+    plate.mkdir()
+    tifffile.imwrite(plate / "A01_s1_w1.tif", np.zeros((8, 8), np.uint16))
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == plate.resolve():
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PermissionError, match="permission denied: this user may not list"):
+        scan_plate(plate)

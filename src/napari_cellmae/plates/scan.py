@@ -63,6 +63,11 @@ def walk_images(root: Path) -> tuple[list[str], list[str]]:
             seen.add((st.st_dev, st.st_ino))
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:  # permission denied, a link loop, gone meanwhile
+            if not prefix and isinstance(exc, PermissionError):
+                raise PermissionError(
+                    f"{folder}: permission denied: this user may not list the plate folder; "
+                    "give read access to it (e.g. chmod a+rx), or ask its owner"
+                ) from None
             logger.warning("skipping unreadable folder %s (%s)", folder, exc.strerror or exc)
             continue
         for entry in entries:

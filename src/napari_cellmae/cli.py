@@ -52,6 +52,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # errors a user can cause carry their fix in the message: no traceback
         print(f"cellmae {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the system refused (a file where a folder goes, disk full …)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"cellmae {args.command}: error: {where}{exc.strerror or exc}"
+            + (
+                " (a file is in the way: name a new or empty folder instead)"
+                if isinstance(exc, FileExistsError)
+                else ""
+            ),
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(f"cellmae {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -56,6 +56,7 @@ from .embed_store import (
     clean_partial,
     embedding_columns,
     read_table,
+    retry_failed,
     safe_name,
     totals,
     well_dir,
@@ -200,6 +201,7 @@ class EmbedResult:
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
     n_wells_pending: int = 0  # wells of other shards not written yet (tables not assembled)
+    n_wells_retried: int = 0  # finished wells with failed fields, embedded again by this run
 
 
 # -- fields -> crops -> embeddings ----------------------------------------------------------------
@@ -750,6 +752,13 @@ def embed_plates(
         owned = set()
     if n := clean_partial(out, owned):  # a shard leaves the other shards' unfinished wells alone
         logger.info("removed %d half-written wells of an interrupted run", n)
+    retried = [] if assemble_only else retry_failed(out, owned)
+    if retried:
+        logger.info(
+            "%d wells with failed fields are embedded again (a file may have been fixed): %s",
+            len(retried),
+            ", ".join(retried[:8]) + (" …" if len(retried) > 8 else ""),
+        )
 
     plans = [(index, *_pending(index, out, owned)) for index in indexes]
     total = sum(len(fields) for _, fields, _, _ in plans)
@@ -758,6 +767,8 @@ def embed_plates(
     if skipped:
         logger.info("resuming: %d wells already embedded are skipped", skipped)
     resumed = f", {skipped} wells already done" if skipped else ""
+    if retried:
+        resumed += f", {len(retried)} wells with failed fields retried"
     yield Progress(0, total, f"{total} fields to embed{resumed}")
     if executor is None:
         workers = prepare_workers
@@ -833,6 +844,7 @@ def embed_plates(
             seconds=time.monotonic() - t0,
             config={**record, "status": "running", "shard": str(shard)},
             n_wells_pending=len(missing),
+            n_wells_retried=len(retried),
         )
     yield Progress(total, total, "gathering tables")
     tables = assemble(out, plate_names, config.levels, config.features, failures)
@@ -857,6 +869,7 @@ def embed_plates(
         n_crops=counts["n_crops"],
         seconds=seconds,
         config=final,
+        n_wells_retried=len(retried),
     )
 
 

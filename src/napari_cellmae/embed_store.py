@@ -10,6 +10,7 @@ the small ones); ``config.json`` guards a resumed run against other settings.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -44,8 +45,20 @@ FINGERPRINT = (
 
 # -- the per-well output folder --------------------------------------------------------------------
 def safe_name(name: str) -> str:
-    """A plate or well name as a folder name (anything but letters, digits, ``.-_`` -> ``_``)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", str(name)) or "_"
+    """A plate or well name as a folder name that no other name maps to.
+
+    Letters, digits and ``.-_`` are kept; anything else becomes ``_``. Whenever that changes the
+    name (or leaves one starting with ``.``: hidden, or ``..``), the first 8 hex digits of the
+    SHA-256 of the exact name are appended, so ``"Screen ü"`` and ``"Screen ä"`` (both
+    ``Screen__``) get folders of their own. Every output keyed by plate or well (embedding wells,
+    QC wells) goes through here.
+    """
+    name = str(name)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    if safe == name and name and not name.startswith("."):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{safe.lstrip('.')[:200] or '_'}-{digest}"  # within any file system's name limit
 
 
 def well_dir(out_dir: str | os.PathLike, plate: str, well: str) -> Path:
@@ -96,6 +109,34 @@ def clean_partial(out_dir: Path, wells: set[tuple[str, str]] | None = None) -> i
         shutil.rmtree(tmp, ignore_errors=True)
         n += 1
     return n
+
+
+def retry_failed(out_dir: Path, wells: set[tuple[str, str]] | None = None) -> list[str]:
+    """Take back the finished wells that hold failed fields, so the run embeds them again.
+
+    A well folder is final once written, errors included; a file the user has fixed since (a
+    corrupt copy replaced, a permission granted) would never be read again. So on every (re)run
+    each well whose ``done.json`` counts errors is renamed to a hidden ``.part`` name (removed by
+    :func:`clean_partial` if the run is killed) and deleted: its fields, the good ones too, are
+    embedded again. ``wells``: only these (a shard's own). Returns ``plate-folder/well`` names.
+    """
+    mine = None if wells is None else {(safe_name(p), safe_name(w)) for p, w in wells}
+    retried = []
+    for done in sorted(out_dir.glob("*/wells/*/done.json")):
+        folder = done.parent
+        if mine is not None and (folder.parent.parent.name, folder.name) not in mine:
+            continue
+        try:
+            errors = int(json.loads(done.read_text()).get("errors", 0))
+        except (OSError, ValueError, AttributeError):
+            errors = 1  # an unreadable record: embed the well again
+        if not errors:
+            continue
+        aside = folder.with_name(f".{folder.name}.{os.urandom(4).hex()}.part")
+        os.replace(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        retried.append(f"{folder.parent.parent.name}/{folder.name}")
+    return retried
 
 
 def check_resume(out: Path, record: dict[str, Any]) -> None:

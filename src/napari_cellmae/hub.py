@@ -211,6 +211,11 @@ def resolve_source(source: str | os.PathLike | None) -> tuple[Path, str]:
             "napari-cellmae, or pass a model folder: load_model('/path/to/model-folder') "
             "(ours or an OpenPhenom snapshot)."
         )
+    if not path.exists() and path.parent != Path(".") and path.parent.is_dir():
+        raise FileNotFoundError(
+            f"{path} does not exist (its folder {path.parent} does): check the file name, or "
+            "pass the model folder"
+        )
     if _HUB_ID.fullmatch(name) and not path.exists():
         return _download(name), "hub"
     raise FileNotFoundError(
@@ -218,6 +223,29 @@ def resolve_source(source: str | os.PathLike | None) -> tuple[Path, str]:
         "not an existing folder and not a Hugging Face repo id (owner/name). Pass a folder that "
         "holds config.json and model.safetensors."
     )
+
+
+def _weights_file(source: str | os.PathLike | None, folder: Path) -> Path:
+    """The weights to load from ``folder``: a weights file named as the source
+    (``folder/other.bin``) is that file, never the folder's own ``model.safetensors``."""
+    if source is not None:
+        named = Path(source).expanduser()
+        if named.is_file() and named.name != "config.json" and named.parent == folder:
+            return named
+    return folder / WEIGHTS
+
+
+def _architecture(cfg: dict[str, Any], config_path: Path) -> CellMAEConfig:
+    """The validated architecture of a napari-cellmae config.json (sizes in range, checked
+    before anything is read or built: a depth of 10**6 or a zero size is refused at once)."""
+    try:
+        return CellMAEConfig.from_dict(cfg["architecture"])
+    except (KeyError, TypeError, ValueError) as exc:
+        detail = f"no {exc} entry" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(
+            f"{config_path} does not describe a usable model architecture ({detail}): the file "
+            "is damaged or was edited; download or copy the model folder again."
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +286,12 @@ def load_model(
         cfg = json.loads(config_path.read_text())
     except ValueError as exc:
         raise ValueError(f"{config_path} is not valid JSON ({exc}): download it again.") from None
-    weights = folder / WEIGHTS
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config_path} holds no settings object: download the folder again.")
+    architecture = None
+    if cfg.get("format") == FORMAT and not is_openphenom_config(cfg):
+        architecture = _architecture(cfg, config_path)  # before any weights are read
+    weights = _weights_file(source, folder)
     if not weights.is_file():
         raise FileNotFoundError(
             f"{folder} has no {WEIGHTS}: the model folder is incomplete; download or copy it again."
@@ -296,13 +329,13 @@ def load_model(
                 f"{config_path} was written by a newer napari-cellmae (format version "
                 f"{cfg['format_version']}): upgrade napari-cellmae."
             )
-        expected_sha = cfg.get("weights_sha256")
-        if expected_sha and expected_sha != checksum:
+        expected_sha = cfg.get("weights_sha256")  # the checksum of the folder's own WEIGHTS
+        if expected_sha and expected_sha != checksum and weights.name == WEIGHTS:
             raise ValueError(
                 f"{weights} does not match the checksum in {config_path}: the file is corrupt or "
                 "was replaced; copy the model folder again."
             )
-        config = CellMAEConfig.from_dict(cfg["architecture"])
+        config = architecture
         saved_encoder_only = bool(cfg.get("encoder_only", False))
         module = build_module(config, state_dict, encoder_only or saved_encoder_only, str(weights))
         attribution = cfg.get("attribution") or registry.attribution_for(source_str)

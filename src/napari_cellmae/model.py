@@ -26,6 +26,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 DECODERS = ("cross_attention", "channel_agnostic")
+# the sizes a config may hold (far beyond any real model; a damaged config.json is refused)
+_INT_RANGES = {
+    "img_size": (1, 4096),
+    "patch_size": (1, 4096),
+    "max_channels": (1, 256),
+    "embed_dim": (4, 16384),
+    "depth": (1, 256),
+    "num_heads": (1, 1024),
+    "decoder_embed_dim": (4, 16384),
+    "decoder_depth": (0, 256),
+    "decoder_num_heads": (1, 1024),
+    "decoder_cross_heads": (1, 1024),
+    "decoder_channels": (1, 256),
+}
+_FLOAT_RANGES = {
+    "mlp_ratio": (0.0, 64.0),
+    "norm_eps": (0.0, 1.0),
+    "decoder_norm_eps": (0.0, 1.0),
+    "input_eps": (0.0, 1.0),
+    "layer_scale_init": (0.0, 1e3),
+}
+MAX_TOKENS_PER_CHANNEL = 65536  # a 256×256 patch grid
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,6 +85,7 @@ class CellMAEConfig:
         def bad(msg: str) -> None:
             raise ValueError(f"Invalid CellMAEConfig: {msg}")
 
+        self._check_ranges()
         if self.img_size % self.patch_size:
             bad(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}.")
         if self.embed_dim % self.num_heads or self.embed_dim % 4:
@@ -84,6 +107,39 @@ class CellMAEConfig:
             bad(f"mask_ratio {self.mask_ratio} must be in [0, 1).")
         if not 0.0 <= self.fourier_loss_weight < 1.0:
             bad(f"fourier_loss_weight {self.fourier_loss_weight} must be in [0, 1) (a mix factor).")
+
+    def _check_ranges(self) -> None:
+        """Every size a whole number in a sane range, before anything divides by it or builds
+        that many blocks (a config.json with depth 10**6 or a zero patch size is refused here,
+        not minutes later or with a ZeroDivisionError)."""
+        bad = []
+        for name, (low, high) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if name == "decoder_channels" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                bad.append(f"{name} {value!r} (a whole number in {low}..{high})")
+        for name, (low, high) in _FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if name == "layer_scale_init" and value is None:
+                continue
+            closed = name == "layer_scale_init"  # 0 is a valid (if odd) LayerScale start
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                bad.append(f"{name} {value!r} (a number in ({low}, {high}])")
+            elif not (low <= value if closed else low < value) or not value <= high:
+                bad.append(f"{name} {value!r} (in {'[' if closed else '('}{low}, {high}])")
+        for name in ("legacy_bias", "qk_norm", "fc_norm"):
+            if not isinstance(getattr(self, name), bool):
+                bad.append(f"{name} {getattr(self, name)!r} (true or false)")
+        if not bad and self.patch_size > self.img_size:
+            bad.append(f"patch_size {self.patch_size} (at most img_size {self.img_size})")
+        if not bad and (self.img_size // self.patch_size) ** 2 > MAX_TOKENS_PER_CHANNEL:
+            bad.append(
+                f"img_size/patch_size {self.img_size}/{self.patch_size} (at most "
+                f"{MAX_TOKENS_PER_CHANNEL} patches per channel)"
+            )
+        if bad:
+            raise ValueError("Invalid CellMAEConfig: " + "; ".join(bad) + ".")
 
     @property
     def grid_size(self) -> int:

@@ -500,8 +500,31 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"No checkpoint to resume from at {path}: start without --resume, or pass the "
             "--checkpoint-dir of the run to continue."
         )
-    with open(path, "rb") as f:
-        return torch.load(f, weights_only=True, map_location="cpu")
+    try:
+        with open(path, "rb") as f:
+            saved = torch.load(f, weights_only=True, map_location="cpu")
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as exc:  # pickle.UnpicklingError (code or objects refused), a damaged file …
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ValueError(
+            f"The checkpoint {path} cannot be read safely ({type(exc).__name__}: {reason}). "
+            "Checkpoints are loaded as plain tensors and numbers only (torch.load with "
+            "weights_only=True), so a pickle holding code or other objects is refused, and a "
+            "truncated file cannot be read. If it is not the checkpoint of your run, pass that "
+            "run's --checkpoint-dir; otherwise start the run again without --resume (move "
+            f"{path.parent} aside first)."
+        ) from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise ValueError(
+            f"{path} is not a checkpoint written by cellmae finetune (no {', '.join(missing)}): "
+            "pass the --checkpoint-dir of the run to continue, or start without --resume."
+        )
+    return saved
+
+
+_CHECKPOINT_KEYS = ("config", "architecture", "model", "optimizer", "state", "rng")
 
 
 def _merge_resumed(cfg: TrainConfig, saved: dict[str, Any]) -> TrainConfig:

@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     skipped = f", {result.n_wells_skipped} already done" if result.n_wells_skipped else ""
+    if result.n_wells_retried:  # wells with failed fields are read again: a fixed file counts
+        skipped += f", {result.n_wells_retried} with failed fields retried"
     print(
         f"embedded {result.n_fields} fields ({result.n_crops} crops) in {result.n_wells} wells"
         f"{skipped}; {result.n_errors} field(s) failed (see errors.csv); "

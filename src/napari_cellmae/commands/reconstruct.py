@@ -23,7 +23,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "field"
+    from ..embed_store import safe_name  # the one name -> file name mapping (no collisions)
+
+    return safe_name(text)
 
 
 def tiff_channel_names(path: Path, count: int) -> list[str]:

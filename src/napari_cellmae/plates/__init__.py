@@ -22,13 +22,23 @@ from .channels import (
 from .errors import (
     CorruptFileError,
     FieldNotFoundError,
+    FileAccessError,
     LayoutError,
     MissingChannelError,
+    NonFiniteError,
+    PlaneError,
     PlateError,
     SizeMismatchError,
 )
 from .layouts import LAYOUTS, Layout, get_layout, regex_layout, split_well, well_name
-from .read import FieldResult, iter_fields, read_field, read_image, select_field
+from .read import (
+    FieldResult,
+    iter_fields,
+    read_channel,
+    read_field,
+    read_image,
+    select_field,
+)
 from .scan import field_keys, list_fields, scan_plate
 
 __all__ = [
@@ -37,9 +47,12 @@ __all__ = [
     "CorruptFileError",
     "FieldNotFoundError",
     "FieldResult",
+    "FileAccessError",
     "Layout",
     "LayoutError",
     "MissingChannelError",
+    "NonFiniteError",
+    "PlaneError",
     "PlateError",
     "SizeMismatchError",
     "apply_preset",
@@ -49,6 +62,7 @@ __all__ = [
     "list_fields",
     "load_channel_map",
     "normalize_channel_names",
+    "read_channel",
     "read_field",
     "read_image",
     "regex_layout",

@@ -26,3 +26,17 @@ class SizeMismatchError(PlateError):
 
 class CorruptFileError(PlateError):
     """An image file is missing, truncated or not decodable."""
+
+
+class FileAccessError(CorruptFileError):
+    """An image file of the index cannot be opened: permission denied, a dangling symbolic link,
+    or gone since the scan (the file itself may be fine)."""
+
+
+class PlaneError(PlateError):
+    """An image file's planes cannot be one channel of a field: RGB(A) samples, a Z stack or
+    time series, unlabelled pages, or several channels where the field expects one."""
+
+
+class NonFiniteError(PlateError):
+    """A floating-point image holds NaN or infinite pixel values."""

@@ -1,7 +1,10 @@
 """Read fields of an indexed plate: ``(C, H, W)`` arrays in the files' native dtype.
 
-One file may hold one channel (most instruments) or several (multi-page TIFF, OME-TIFF with a
-channel axis, RGB): a field stacks the planes of its files in channel order. :func:`read_field`
+A plate channel is one 2-D grayscale plane per file (most instruments); only a plate with one file
+per field may keep its channels in that file, along a declared channel axis (OME-TIFF, ImageJ
+hyperstack). RGB(A) files, Z stacks, time series, unlabelled multi-page files and NaN/inf floats
+are refused with an error naming the file (:func:`read_channel`). A field stacks the planes of its
+files in channel order. :func:`read_field`
 raises a typed, named error for a bad field; :func:`iter_fields` reads ahead in a thread pool (the
 decoders release the GIL, so reading overlaps the caller's compute) and records a bad field's error
 in its result instead of stopping.
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -22,7 +25,10 @@ from .channels import index_channels
 from .errors import (
     CorruptFileError,
     FieldNotFoundError,
+    FileAccessError,
     MissingChannelError,
+    NonFiniteError,
+    PlaneError,
     PlateError,
     SizeMismatchError,
 )
@@ -40,13 +46,37 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
     TIFF (any compression imagecodecs decodes: LZW, Deflate, Zstd …; multi-page; OME/ImageJ axes:
     channels kept, other axes at their first index), PNG (8/16-bit), JPEG 2000. Raises
-    :class:`CorruptFileError` naming the file when it is missing, truncated or not decodable.
+    :class:`CorruptFileError` naming the file when it is truncated or not decodable, and its
+    :class:`FileAccessError` subclass when it cannot be opened (permission denied, a dangling
+    symbolic link, gone since the scan). This reads any file as planes; a plate channel must be
+    one plane: see :func:`read_channel`.
     """
+    return _read_planes(path)[0]
+
+
+class _Layout(NamedTuple):
+    """What a file's planes are: declared channels, RGB(A) samples, and the other axes (Z, T,
+    unlabelled pages …) with their lengths, as found in the file before any reduction."""
+
+    channels: int
+    samples: int
+    other: dict[str, int]
+
+
+_PAGES = "pages (a Z stack, a time series, or channels without a declared channel axis)"
+_AXIS_WORDS = {"Z": "Z planes (a Z stack)", "T": "time points", "I": _PAGES, "Q": _PAGES}
+
+
+def _read_planes(
+    path: str | os.PathLike, check: Callable[[_Layout], None] | None = None
+) -> tuple[np.ndarray, _Layout]:
+    """``(P, H, W)`` planes and their layout; ``check(layout)`` may refuse the file before its
+    pixels are decoded (TIFF: from the header alone, so a large Z stack is never read)."""
     path = Path(path)
     ext = path.suffix.lower()
     try:
         if ext in _TIFF:
-            planes = _read_tiff(path)
+            planes, layout = _read_tiff(path, check)
         else:
             import imagecodecs
 
@@ -59,12 +89,27 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 image = imagecodecs.imread(data)
             image = np.asarray(image)
             planes = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
-    except (CorruptFileError, MemoryError):
+            layout = _Layout(1, 1 if image.ndim == 2 else image.shape[-1], {})
+            if check is not None:
+                check(layout)
+    except (CorruptFileError, PlaneError, MemoryError):
         raise
+    except PermissionError:
+        raise FileAccessError(
+            f"{path}: permission denied (the file exists but this user may not read it): give "
+            "read access to it (e.g. chmod a+r, or ask the owner), or leave the field out"
+        ) from None
     except FileNotFoundError:
-        raise CorruptFileError(
+        if os.path.islink(path):
+            raise FileAccessError(
+                f"{path} is a symbolic link to {os.readlink(path)}, which does not exist (a "
+                "dangling link): restore its target, point the link at the file, or remove the link"
+            ) from None
+        raise FileAccessError(
             f"{path} is listed in the plate index but no longer exists: re-scan the folder"
         ) from None
+    except IsADirectoryError:
+        raise FileAccessError(f"{path} is a folder, not an image file: rename it") from None
     except Exception as exc:  # decoders raise many types; all mean "this file is broken"
         raise CorruptFileError(
             f"{path} cannot be read ({type(exc).__name__}: {exc}): the file is truncated or "
@@ -76,18 +121,67 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             f"{path} holds no 2-D image (shape {planes.shape}): the file is truncated or corrupt; "
             "re-export or re-copy it"
         )
+    return planes, layout
+
+
+def read_channel(path: str | os.PathLike, multichannel: bool = False) -> np.ndarray:
+    """Read one channel file of a plate as ``(P, H, W)``, applying the plate's plane rule.
+
+    A plate channel is one 2-D grayscale plane with finite values. Refused, with a
+    :class:`PlaneError` naming the file and what was found: RGB(A) files (samples per pixel),
+    Z stacks, time series and other multi-page files without a declared channel axis. A file with a
+    declared channel axis (OME-TIFF, ImageJ hyperstack) gives one plane per channel only when
+    ``multichannel`` (the plate has one file per field); otherwise it is refused too. Float images
+    with NaN or infinite values raise :class:`NonFiniteError`.
+    """
+
+    def rule(layout: _Layout) -> None:
+        _check_planes(path, layout, multichannel)
+
+    planes, _ = _read_planes(path, rule)
+    if planes.dtype.kind in "fc":
+        bad = int(planes.size - np.count_nonzero(np.isfinite(planes)))
+        if bad:
+            raise NonFiniteError(
+                f"{path} has {bad} NaN or infinite pixel values ({100 * bad / planes.size:.2g}% "
+                "of the image): intensities must be finite; re-export it with finite values "
+                "(e.g. 0 where a correction divided by zero), or leave the field out"
+            )
     return planes
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def _check_planes(path: str | os.PathLike, layout: _Layout, multichannel: bool) -> None:
+    """PlaneError when ``layout`` cannot be one channel (see :func:`read_channel`)."""
+    found = []
+    if layout.samples > 1:
+        kind = {3: "an RGB", 4: "an RGBA", 2: "a grey + alpha"}.get(
+            layout.samples, "a multi-sample"
+        )
+        found.append(f"{kind} image ({layout.samples} samples per pixel)")
+    for axis, n in layout.other.items():
+        if n > 1:
+            found.append(f"{n} {_AXIS_WORDS.get(axis, f'planes along axis {axis}')}")
+    if layout.channels > 1 and not multichannel:
+        found.append(f"{layout.channels} channels")
+    if found:
+        raise PlaneError(
+            f"{path} holds {' and '.join(found)}, but a plate channel is one 2-D grayscale plane "
+            f"per file{' (several only along a declared channel axis)' if multichannel else ''}: "
+            "export each channel as a single-plane grayscale image (a Z stack: the plane you want, "
+            "or its maximum projection), or leave the field out"
+        )
+
+
+def _read_tiff(
+    path: Path, check: Callable[[_Layout], None] | None = None
+) -> tuple[np.ndarray, _Layout]:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         if not tif.series:
             raise CorruptFileError(f"{path} holds no image: it is truncated or corrupt")
         series = tif.series[0]
-        data = series.asarray(maxworkers=1)  # the prefetch pool already runs files in parallel
-        axes = series.axes
+        axes, shape = series.axes, tuple(series.shape)
         # pages written one by one (no shared metadata) come as one series per page: stack the
         # ones like the first (skipping thumbnails and other sizes)
         alike = [
@@ -95,9 +189,20 @@ def _read_tiff(path: Path) -> np.ndarray:
             for s in tif.series[1:]
             if s.shape == series.shape and s.dtype == series.dtype and s.axes == axes
         ]
-        if alike and axes == "YX":
+        stack_alike = bool(alike) and axes == "YX"
+        if stack_alike:
+            axes, shape = "IYX", (1 + len(alike), *shape)
+        sizes = dict(zip(axes, shape))
+        layout = _Layout(
+            channels=sizes.get("C", 1),
+            samples=sizes.get("S", 1),
+            other={a: n for a, n in sizes.items() if a not in "CSYX"},
+        )
+        if check is not None and "Y" in axes and "X" in axes:
+            check(layout)  # from the header: a refused file is not decoded
+        data = series.asarray(maxworkers=1)  # the prefetch pool already runs files in parallel
+        if stack_alike:
             data = np.stack([data, *(s.asarray(maxworkers=1) for s in alike)])
-            axes = "IYX"
     if data.size == 0 or "Y" not in axes or "X" not in axes:
         raise CorruptFileError(f"{path} holds no 2-D image (axes {axes!r}, shape {data.shape})")
     # channels and samples become planes; any other axis (T, Z …) is taken at its first index
@@ -112,7 +217,12 @@ def _read_tiff(path: Path) -> np.ndarray:
         keep.append(i)
     order = [*keep, axes.index("Y"), axes.index("X")]
     data = np.transpose(data, order)
-    return data.reshape(-1, data.shape[-2], data.shape[-1])
+    return data.reshape(-1, data.shape[-2], data.shape[-1]), layout
+
+
+def _one_file_per_field(index: pd.DataFrame) -> bool:
+    """True when the plate has one channel id: its file may hold the field's channels."""
+    return len(index_channels(index)) == 1
 
 
 class FieldResult(NamedTuple):
@@ -157,8 +267,11 @@ def _describe(meta: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _read_files(meta: dict[str, Any], files: dict[str, str], channels: list[str]) -> np.ndarray:
-    """Stack the files of one field in ``channels`` order -> (C, H, W)."""
+def _read_files(
+    meta: dict[str, Any], files: dict[str, str], channels: list[str], multichannel: bool = False
+) -> np.ndarray:
+    """Stack the files of one field in ``channels`` order -> (C, H, W); each file by the plane
+    rule of :func:`read_channel` (``multichannel``: the plate has one file per field)."""
     missing = [c for c in channels if c not in files]
     if missing:
         raise MissingChannelError(
@@ -166,7 +279,7 @@ def _read_files(meta: dict[str, Any], files: dict[str, str], channels: list[str]
             "the acquisition may have stopped early; pass channels=[...] to read the others, "
             "or skip this field"
         )
-    planes = [read_image(files[c]) for c in channels]
+    planes = [read_channel(files[c], multichannel) for c in channels]
     shapes = {p.shape[-2:] for p in planes}
     if len(shapes) > 1:
         detail = "; ".join(
@@ -275,7 +388,7 @@ def read_field(
     keys = field_keys(index)
     meta = {k: rows[k].iloc[0] for k in keys}
     files = dict(zip(rows["Metadata_Channel"], rows["path"]))
-    return _read_files(meta, files, wanted)
+    return _read_files(meta, files, wanted, _one_file_per_field(index))
 
 
 def iter_fields(
@@ -308,6 +421,7 @@ def iter_fields(
         corrupt file), recorded so a whole-plate run goes on.
     """
     wanted = _resolve_channels(index, channels)
+    multichannel = _one_file_per_field(index)
     keys = field_keys(index)
     if fields is None:
         fields = list_fields(index)
@@ -324,7 +438,7 @@ def iter_fields(
 
     def load(meta: dict[str, Any], files: dict[str, str]) -> FieldResult:
         try:
-            return FieldResult(meta, _read_files(meta, files, wanted), None)
+            return FieldResult(meta, _read_files(meta, files, wanted, multichannel), None)
         except PlateError as exc:
             return FieldResult(meta, None, exc)
 

@@ -43,22 +43,53 @@ _PLATE_FOLDER = re.compile(r"^plate[ _-]?\d+$", re.IGNORECASE)
 
 
 def walk_images(root: Path) -> tuple[list[str], list[str]]:
-    """Relative paths (``/``-separated) and names of image files under ``root``, hidden skipped."""
+    """Relative paths (``/``-separated) and names of image files under ``root``, hidden skipped.
+
+    Folder symbolic links are followed only to folders outside ``root`` not seen yet, so a link
+    back inside (``ln -s . loop``, a second name for a sub-folder) neither loops nor lists the same
+    files twice; each one skipped is logged. Unreadable folders are skipped with a warning.
+    """
     relpaths: list[str] = []
     names: list[str] = []
+    root_real = os.path.realpath(root)
+    seen: set[tuple[int, int]] = set()
     stack = [("", str(root))]
     while stack:
         prefix, folder = stack.pop()
         try:
-            entries = list(os.scandir(folder))
-        except PermissionError:
-            logger.warning("skipping unreadable folder %s", folder)
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:  # permission denied, a link loop, gone meanwhile
+            if not prefix and isinstance(exc, PermissionError):
+                raise PermissionError(
+                    f"{folder}: permission denied: this user may not list the plate folder; "
+                    "give read access to it (e.g. chmod a+rx), or ask its owner"
+                ) from None
+            logger.warning("skipping unreadable folder %s (%s)", folder, exc.strerror or exc)
             continue
         for entry in entries:
             name = entry.name
             if name.startswith("."):
                 continue
-            if entry.is_dir(follow_symlinks=True):
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:  # a link loop (ELOOP) or an entry removed meanwhile
+                logger.warning("skipping %s: a symbolic link that cannot be resolved", entry.path)
+                continue
+            if is_dir:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if target == root_real or target.startswith(root_real + os.sep):
+                        logger.warning(
+                            "not following folder link %s: it points back inside the plate "
+                            "folder (%s), whose files are scanned once",
+                            entry.path,
+                            target,
+                        )
+                        continue
                 stack.append((f"{prefix}{name}/", entry.path))
             elif name.lower().endswith(IMAGE_EXTENSIONS):
                 relpaths.append(prefix + name)

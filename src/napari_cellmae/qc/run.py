@@ -151,7 +151,7 @@ def measure_rows(
     every field of ``index`` (a plate, or one well of it: the unit of a distributed run)."""
     import pandas as pd
 
-    from ..plates import iter_fields, list_fields, read_image
+    from ..plates import iter_fields, list_fields, read_channel
     from ..plates.channels import index_channel_names, index_channels
     from ..plates.scan import field_keys
 
@@ -178,7 +178,7 @@ def measure_rows(
                 planes = None
                 if not bad:
                     try:
-                        planes = read_image(paths[ch])
+                        planes = read_channel(paths[ch], multichannel=len(channels) == 1)
                     except ValueError as exc:
                         bad = str(exc)
                 row = {**meta, "Metadata_Channel": ch, "channel_name": names[ch]}

@@ -121,6 +121,26 @@ def _clean_partial(out: Path, keys: set[tuple[str, str]]) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _retry_failed(out: Path, keys: set[tuple[str, str]]) -> int:
+    """Delete the measured wells (of ``keys``) that hold unreadable images, so this run measures
+    them again: a file fixed since (replaced, permission granted) is picked up. Returns how many."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    for plate, well in keys:
+        path = well_file(out, plate, well)
+        if not path.is_file():
+            continue
+        try:
+            errors = pq.read_table(path, columns=["QC_Error"]).column(0).to_pylist()
+        except Exception:  # unreadable or without the column: measure it again
+            errors = ["?"]
+        if any(errors):
+            path.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def _failed_rows(task: QCWellTask, error: BaseException) -> pd.DataFrame:
     """Rows for a well whose task failed: every image unreadable, with the reason (not written,
     so a rerun measures the well again)."""
@@ -228,6 +248,7 @@ def measure_wells(
     shard = Shard.parse(shard) if shard is not None else None
     owned = set() if assemble_only else shard.owned(wells) if shard else set(wells)
     _clean_partial(out, owned)
+    retried = _retry_failed(out, owned)
     share = shares_memory(executor)
     tasks = [
         QCWellTask(
@@ -246,7 +267,8 @@ def measure_wells(
         if key in owned and not well_file(out, *key).is_file()
     ]
     failed: dict[tuple[str, str], pd.DataFrame] = {}
-    yield Progress(0, len(tasks), f"{len(tasks)} wells to measure")
+    again = f" ({retried} with unreadable images, measured again)" if retried else ""
+    yield Progress(0, len(tasks), f"{len(tasks)} wells to measure{again}")
     for done, (task, future) in enumerate(
         map_bounded(executor or SerialExecutor(), run_well_task, tasks, max_in_flight), 1
     ):

@@ -9,7 +9,16 @@ class PlateError(ValueError):
 
 
 class LayoutError(PlateError):
-    """No layout (or more than one) fits the folder's file names."""
+    """No layout (or more than one) fits the folder's file names.
+
+    ``str(error)`` tells a Python or CLI user what to pass (``layout=…``, ``--layout``);
+    :attr:`gui_message` says the same in the Load tab's words (the layout box, the pattern
+    field), for the GUI's status line.
+    """
+
+    def __init__(self, message: str, gui_message: str | None = None):
+        super().__init__(message)
+        self.gui_message = gui_message or message
 
 
 class FieldNotFoundError(PlateError):

@@ -208,6 +208,8 @@ def test_planes_timepoints_and_incomplete_sites_in_the_picker(panel, qtbot, tmp_
         tab.open_button.click()
     assert done.args == ["error"]
     assert "has no file for channel(s) ['2']" in panel.status.text()
+    # GUI words: no "pass channels=[...]" (that is for Python)
+    assert "channels=" not in panel.status.text() and "site list" in panel.status.text()
 
 
 def _field_layers(viewer):

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 
 class PlateError(ValueError):
-    """Base class of everything a plate folder can get wrong."""
-
-
-class LayoutError(PlateError):
-    """No layout (or more than one) fits the folder's file names.
+    """Base class of everything a plate folder can get wrong.
 
     ``str(error)`` tells a Python or CLI user what to pass (``layout=…``, ``--layout``);
-    :attr:`gui_message` says the same in the Load tab's words (the layout box, the pattern
-    field), for the GUI's status line.
+    :attr:`gui_message`, where the fix differs in the GUI, says it in the GUI's words (the
+    layout box, the pattern field, the site list) for its status line.
     """
 
     def __init__(self, message: str, gui_message: str | None = None):
         super().__init__(message)
         self.gui_message = gui_message or message
+
+
+class LayoutError(PlateError):
+    """No layout (or more than one) fits the folder's file names."""
 
 
 class FieldNotFoundError(PlateError):

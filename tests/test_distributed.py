@@ -254,7 +254,8 @@ def test_embed_shards_through_the_cli(plate, test_model_dir, serial, tmp_path, c
     text = capsys.readouterr().out
     assert "shard 2/2: 3 wells embedded so far" in text and "3 well(s) of other shards" in text
     assert main([*argv, "--shard", "1/2"]) == 0
-    assert "embedded 6 fields (24 crops) in 6 wells; 0 field(s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "embedded 6 fields (24 crops) in 6 wells; " in printed and "failed" not in printed
     assert_same_tables(tmp_path / "emb", serial)
 
 

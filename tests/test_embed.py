@@ -355,7 +355,10 @@ def test_cli_in_process_and_resume(plate, test_model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0
     printed = capsys.readouterr()
-    assert "embedded 6 fields (24 crops) in 3 wells; 0 field(s) failed" in printed.out
+    assert "embedded 6 fields (24 crops) in 3 wells; " in printed.out
+    assert "failed" not in printed.out  # nothing failed: no "0 field(s) failed (see errors.csv)"
+    for table in ("fields", "wells", "errors"):  # each table with its CSV twin
+        assert (out / f"{table}.csv").is_file() and (out / f"{table}.parquet").is_file()
     assert "field/s" in printed.err or "6/6" in printed.err  # tqdm bar with rate and ETA
     assert json.loads((out / "config.json").read_text())["block"] == 1
     assert main(argv) == 0

@@ -332,6 +332,7 @@ def test_cli_profile(screen, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "replicate_map" in out and "relationship_recall" in out and "report.md" in out
+    assert "NaN" not in out and "–" in out  # a metric without a chance level, as in report.md
     assert main(["profile", str(tmp_path / "nothing"), "--platemap", "x.csv", "--out", "r"]) == 2
     assert "is not an embedding folder" in capsys.readouterr().err
 

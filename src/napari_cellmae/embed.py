@@ -16,12 +16,13 @@ to it instead (:func:`run_well_task`: the model is loaded once per worker proces
 :mod:`napari_cellmae.executors`), and given a ``shard`` it embeds only that shard's wells (job
 arrays). Memory stays bounded by the read-ahead, not the plate. At the end the wells are
 gathered, one at a time (:mod:`napari_cellmae.embed_store` keeps the folder layout), into
+these tables, each also written as a ``.csv`` twin:
 
 - ``crops.parquet``    Metadata_* + Metadata_Crop/CropY/CropX + emb_0000…
 - ``fields.parquet``   Metadata_* + Metadata_NCrops + emb_*
-- ``wells.parquet``    Metadata_Plate/Well/Row/Col + Metadata_NFields + emb_* (+ ``wells.csv``)
+- ``wells.parquet``    Metadata_Plate/Well/Row/Col + Metadata_NFields + emb_*
 - ``features.parquet`` per-field baseline statistics feat_*
-- ``errors.parquet``   fields that could not be read or embedded (+ ``errors.csv``)
+- ``errors.parquet``   fields that could not be read or embedded
 - ``config.json``      the run record: model name and checksum, channels, pooling, block,
   normalisation (with each plate's reference), version
 

@@ -249,10 +249,9 @@ def assemble(
         else:  # nothing embedded (every field failed): an empty table, not a missing one
             write_table_atomic(_empty_errors().iloc[:, :2], path)
         tables[name] = path
-    for name in ("wells", "errors"):  # the small tables a person opens: a CSV twin
-        if name in tables:
-            with atomic_path(tables[name].with_suffix(".csv")) as tmp:
-                pd.read_parquet(tables[name]).to_csv(tmp, index=False)
+    for path in tables.values():  # every table has a CSV twin (spreadsheets, tools without parquet)
+        with atomic_path(path.with_suffix(".csv")) as tmp:
+            pd.read_parquet(path).to_csv(tmp, index=False)
     return tables
 
 

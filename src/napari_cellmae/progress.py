@@ -74,27 +74,64 @@ def run(
 
 
 class EtaEstimator:
-    """Remaining-time estimate from the average rate since the first event with ``done > 0``.
+    """Remaining-time estimate that does not swing, shared by the GUI's task bar and the CLI.
 
-    The first unit often includes warm-up (model load, first batch), so the clock starts at the
-    first event rather than at construction.
+    - The clock starts at the first event with ``done > 0``: the first unit often includes
+      warm-up (model load, first batch, a subprocess starting), which says nothing about the
+      rate of the others.
+    - No estimate until ``min_units`` more units and ``min_seconds`` have passed since then (a
+      rate from one or two samples is noise).
+    - The rate is the average since the clock started; the estimate shown is an exponential
+      moving average (weight ``smoothing`` for each new value) of the raw estimates, counted
+      down by the time elapsed between updates, so a single slow or fast unit moves it a little.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        min_units: int = 3,
+        min_seconds: float = 2.0,
+        smoothing: float = 0.3,
+    ) -> None:
         self._clock = clock
+        self.min_units = min_units
+        self.min_seconds = min_seconds
+        self.smoothing = smoothing
         self._t0: float | None = None
         self._done0 = 0
+        self._last: tuple[float, float] | None = None  # (time, estimate) of the last update
+
+    def rate(self, done: int, now: float | None = None) -> float | None:
+        """Units per second since the clock started, or None while there are too few samples."""
+        if self._t0 is None:
+            return None
+        now = self._clock() if now is None else now
+        units, seconds = done - self._done0, now - self._t0
+        if units < self.min_units or seconds < self.min_seconds:
+            return None
+        return units / seconds
 
     def update(self, done: int, total: int | None) -> float | None:
         """Seconds left, or None when it cannot be estimated yet."""
         now = self._clock()
         if self._t0 is None:
-            self._t0, self._done0 = now, done
+            if done > 0:
+                self._t0, self._done0 = now, done
             return None
-        if not total or done <= self._done0:
+        rate = self.rate(done, now)
+        if not total or rate is None:
             return None
-        rate = (done - self._done0) / max(now - self._t0, 1e-9)
-        return max(0.0, (total - done) / rate)
+        raw = max(0.0, (total - done) / rate)
+        if done >= total:
+            estimate = 0.0
+        elif self._last is None:
+            estimate = raw
+        else:
+            then, before = self._last
+            predicted = max(0.0, before - (now - then))
+            estimate = predicted + self.smoothing * (raw - predicted)
+        self._last = (now, estimate)
+        return estimate
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -195,3 +195,27 @@ def test_projection_pca_signs_and_umap_hook(monkeypatch):
     fake.UMAP = UMAP
     monkeypatch.setitem(sys.modules, "umap", fake)
     np.testing.assert_allclose(project(x, "UMAP"), x[:, :2] * 2)
+
+
+def test_a_copy_of_the_plate_does_not_inherit_its_embeddings(panel, qtbot, tmp_path, screen):
+    """Identity is the scanned folder, not the plate name: a copy of SCREEN-1 (a QC mirror has
+    the same Metadata_Plate) must not show the original's embeddings."""
+    import shutil
+
+    tab = _embed(panel, qtbot, tmp_path)
+    load = panel.tabs["Load"]
+    with qtbot.waitSignal(panel.runner.finished, timeout=10_000):
+        load.scan(str(screen / "SCREEN-1"))  # the same folder again: kept
+    assert tab.table is not None and "embedding_pc1" in panel.viewer.layers["plate map"].features
+
+    plates = set(tab.table["Metadata_Plate"].astype(str))
+    copy = shutil.copytree(screen / "SCREEN-1", tmp_path / "mirror" / "SCREEN-1")
+    with qtbot.waitSignal(panel.runner.finished, timeout=10_000):
+        load.scan(str(copy))
+    assert set(load.index["Metadata_Plate"].astype(str)) == plates  # the same plate name
+    assert tab.table is None and tab.out_dir is None
+    assert len(tab.plot.coords) == 0  # the scatter plot no longer shows the other folder
+    assert "embedding_pc1" not in panel.viewer.layers["plate map"].features
+    tab.platemap_edit.setText(str(screen / "platemap.csv"))
+    assert tab.profile() is None  # nothing of this folder to profile
+    assert "embed a plate before profiling it" in panel.status.text()

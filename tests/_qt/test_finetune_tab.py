@@ -97,3 +97,69 @@ def test_a_resumed_run_redraws_the_curves_the_checkpoint_recorded(qtbot):
     assert list(plot.val_line.get_xdata()) == [0, 3]
     plot.add({"kind": "step", "step": 4, "train_loss": 0.6})
     assert plot.train_points[-1] == (4, 0.6)
+
+
+def test_one_task_bar_on_the_fine_tune_tab(make_napari_viewer, qtbot, tmp_path):
+    """The Fine-tune tab has its own bar (training runs beside other tasks); the panel's bar,
+    which still read the previous task, is hidden there unless a panel task is running."""
+    from napari_cellmae._qt.main_panel import MainPanel
+    from napari_cellmae._qt.worker import TaskRunner
+
+    viewer = make_napari_viewer()
+    panel = MainPanel(viewer)
+    viewer.window.add_dock_widget(panel, name="CellMAE")
+
+    def visible_bars():
+        return [r for r in panel.findChildren(TaskRunner) if r.isVisibleTo(panel)]
+
+    assert visible_bars() == [panel.runner]  # the Load tab
+    panel.tab_widget.setCurrentWidget(panel.tabs["Fine-tune"])
+    assert visible_bars() == [panel.tabs["Fine-tune"].runner]
+    panel.tab_widget.setCurrentWidget(panel.tabs["Load"])
+    assert visible_bars() == [panel.runner]
+    with qtbot.waitSignal(panel.runner.finished, timeout=10_000):  # a panel task meanwhile
+        panel.tabs["Load"].scan(str(tmp_path / "missing"))
+        panel.tab_widget.setCurrentWidget(panel.tabs["Fine-tune"])
+        assert len(visible_bars()) == 2  # both working: both shown
+    assert visible_bars() == [panel.tabs["Fine-tune"].runner]
+
+
+def test_empty_loss_plot_has_no_made_up_scale(qtbot):
+    from napari_cellmae._qt.finetune_tab import LossPlot
+
+    plot = LossPlot()
+    qtbot.addWidget(plot)
+    plot.canvas.draw()
+    labels = [t.get_text() for t in plot.ax.get_yticklabels() if t.get_visible()]
+    assert not any(labels), labels  # was -0.04 … 0.04
+    assert plot.empty_note.get_visible()
+    plot.add({"kind": "step", "step": 1, "train_loss": 0.8})
+    plot.add({"kind": "val", "step": 1, "val_loss": 0.7})
+    plot.redraw(force=True)
+    plot.canvas.draw()
+    assert not plot.empty_note.get_visible()
+    low, high = plot.ax.get_ylim()
+    assert low <= 0.7 and high >= 0.8
+    labels = [t.get_text() for t in plot.ax.get_yticklabels()]
+    assert any(labels)
+
+
+def test_docs_name_the_plugins_menu_as_napari_shows_it():
+    """docs said "Plugins → napari-cellmae → Fine-tune"; napari shows the manifest's
+    display names: "Plugins → CellMAE → Fine-tune"."""
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    manifest = yaml.safe_load((root / "src/napari_cellmae/napari.yaml").read_text())
+    menu = manifest["display_name"]
+    widgets = {w["display_name"] for w in manifest["contributions"]["widgets"]}
+    found = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for plugin, widget in re.findall(r"Plugins → ([^→*\n]+?) → ([^*\n)]+)", doc.read_text()):
+            found.append((doc.name, plugin.strip(), widget.strip()))
+    assert found
+    for doc, plugin, widget in found:
+        assert plugin == menu, (doc, plugin)
+        assert any(widget.startswith(w) for w in widgets), (doc, widget)

@@ -135,6 +135,35 @@ def test_unknown_folder_error_on_the_status_line(panel, qtbot, real_data):
     assert "no known plate layout" in panel.status.text()
     assert "(?P<well>" in panel.status.text()
     assert tab.index is None
+    # GUI words, not Python/CLI ones; and no group is said to be required
+    status = panel.status.text()
+    assert "layout box" in status and "layout=" not in status and "--layout" not in status
+    assert "each optional" in status and "without well every field is well A01" in status
+    assert status.split(": ", 1)[1] in tab.summary.text()  # the summary says it too
+
+
+def test_regex_without_a_well_group_reads_well_a01(panel, qtbot, real_data):
+    """What the error text promises: a pattern with only a channel group works."""
+    regex_index = panel.tabs["Load"].layout_combo.findData("regex")
+    tab, state = _scan(
+        panel, qtbot, real_data / "speckles", regex_index, r"1-162hr(?P<channel>[a-z0-9]+?)2\.tif"
+    )
+    assert state == "done"
+    assert set(tab.index["Metadata_Well"]) == {"A01"} and set(tab.index["Metadata_Site"]) == {1}
+
+
+def test_a_failed_scan_replaces_the_previous_summary(panel, qtbot, plate, tmp_path):
+    tab, state = _scan(panel, qtbot, plate)
+    assert state == "done" and "imagexpress: 6 fields" in tab.summary.text()
+    missing = tmp_path / "no-such-plate"
+    tab, state = _scan(panel, qtbot, missing)
+    assert state == "error"
+    summary = tab.summary.text()
+    assert summary.startswith(f"Could not scan {missing}") and "does not exist" in summary
+    assert "imagexpress: 6 fields" not in summary
+    assert f"Still loaded: {plate}" in summary  # what the pickers still show
+    bar = panel.runner.bar
+    assert bar.maximum() > 0 and bar.format() == "scan plate: failed"  # not a busy bar
 
 
 def test_dropped_folder_becomes_the_tabs_plate(panel, qtbot, real_data):
@@ -179,3 +208,38 @@ def test_planes_timepoints_and_incomplete_sites_in_the_picker(panel, qtbot, tmp_
         tab.open_button.click()
     assert done.args == ["error"]
     assert "has no file for channel(s) ['2']" in panel.status.text()
+    # GUI words: no "pass channels=[...]" (that is for Python)
+    assert "channels=" not in panel.status.text() and "site list" in panel.status.text()
+
+
+def _field_layers(viewer):
+    return {layer.name: layer for layer in viewer.layers if "cellmae_field" in layer.metadata}
+
+
+def test_another_plate_replaces_the_field_layers(panel, qtbot, real_data):
+    """ExampleHuman (d0, d1, d2) then transfluor (d2 alone): d0 and d1 go, d2 is transfluor's
+    with transfluor's colormap; within one plate a user's colormap stays."""
+    viewer = panel.viewer
+    tab, state = _scan(panel, qtbot, real_data / "ExampleHuman")
+    assert state == "done"
+    with qtbot.waitSignal(panel.runner.finished, timeout=10_000):
+        tab.open_button.click()
+    assert sorted(_field_layers(viewer)) == ["d0", "d1", "d2"]
+    assert viewer.layers["d2"].colormap.name != "gray"
+
+    tab, state = _scan(panel, qtbot, real_data / "transfluor-plate")
+    assert state == "done"
+    with qtbot.waitSignal(panel.runner.finished, timeout=10_000):
+        tab.open_field("O01", 1)
+    layers = _field_layers(viewer)
+    assert list(layers) == ["d2"]  # no ExampleHuman channel left on screen
+    d2 = layers["d2"]
+    assert d2.colormap.name == "gray"  # a lone channel: grey, not ExampleHuman's d2 colour
+    assert d2.metadata["cellmae_field"]["Metadata_Well"] == "O01"
+    assert d2.data.shape == tab.current["image"].shape[1:]
+
+    d2.colormap = "magenta"  # the user's choice survives browsing the same plate
+    with qtbot.waitSignal(panel.runner.finished, timeout=10_000):
+        tab.open_field("O02", 2)
+    assert viewer.layers["d2"] is d2 and d2.colormap.name == "magenta"
+    assert d2.metadata["cellmae_field"]["Metadata_Well"] == "O02"

@@ -158,3 +158,47 @@ def test_layer_menus_open_the_single_capability_widgets(
     assert command in ids
     app.commands.execute_command(command)
     assert any(name.startswith(dock_name) for name in viewer.window.dock_widgets)
+
+
+def _fails_at_once(path):
+    raise FileNotFoundError(f"{path} does not exist: choose a plate folder")
+    yield  # a generator that fails before its first event
+
+
+def _nothing_to_do():
+    return "every well was already done"
+    yield
+
+
+@pytest.mark.parametrize(
+    ("task", "state", "text"),
+    [(_fails_at_once, "error", "QC: failed"), (_nothing_to_do, "done", "QC: done in")],
+)
+def test_bar_stops_when_a_task_ends_before_its_first_event(panel, qtbot, task, state, text):
+    """The bar was left in its busy (bouncing) state, without text, when a task failed before
+    its first progress event or had nothing to do."""
+    runner = panel.runner
+    args = ("/nowhere",) if task is _fails_at_once else ()
+    with qtbot.waitSignal(runner.finished, timeout=10_000) as sig:
+        runner.start(task, *args, description="QC")
+    assert sig.args == [state]
+    assert runner.bar.maximum() > 0  # a still bar (0, 0 is Qt's busy indicator)
+    assert runner.bar.format().startswith(text)
+    assert runner.bar.value() == (runner.bar.maximum() if state == "done" else 0)
+    assert not runner.cancel_button.isEnabled() and runner.eta_label.text() == ""
+
+
+def test_qc_on_a_missing_folder_leaves_a_still_bar(make_napari_viewer, qtbot, tmp_path):
+    from napari_cellmae._qt.main_panel import MainPanel
+
+    viewer = make_napari_viewer()
+    panel = MainPanel(viewer, tabs=("Load", "QC"))
+    viewer.window.add_dock_widget(panel, name="CellMAE")
+    tab = panel.tabs["QC"]
+    tab.set_head(None)  # classic metrics: no model to load before the scan fails
+    tab.path_edit.setText(str(tmp_path / "missing"))
+    with qtbot.waitSignal(panel.runner.finished, timeout=20_000) as sig:
+        tab.run_button.click()
+    assert sig.args == ["error"]
+    assert panel.runner.bar.maximum() > 0 and panel.runner.bar.format().endswith(": failed")
+    assert "does not exist" in panel.status.text()

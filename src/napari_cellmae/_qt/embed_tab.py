@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,13 @@ def default_out_dir(root: str) -> Path:
 
     digest = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:8]
     return cellmae_home() / "embeddings" / f"{safe_name(Path(root).name)}-{digest}"
+
+
+def plate_identity(index: pd.DataFrame) -> tuple[str, str]:
+    """What embeddings belong to: the scanned folder (resolved) and its image files, not the plate
+    name (a copy of a plate, a QC mirror, has the same ``Metadata_Plate``)."""
+    files = "\n".join(sorted(map(str, index["path"]))) if "path" in index else ""
+    return str(Path(index.attrs["root"]).resolve()), hashlib.sha1(files.encode()).hexdigest()
 
 
 def umap_available() -> bool:
@@ -126,6 +134,7 @@ class EmbedTab(QWidget):
         )
         self.coords: np.ndarray | None = None  # what the scatter plot shows
         self.out_dir: Path | None = None
+        self.identity: tuple[str, str] | None = None  # plate_identity of the table's folder
         self.result: Any = None
         self.report: Any = None
         self.selected: int | None = None
@@ -280,13 +289,16 @@ class EmbedTab(QWidget):
             out_dir,
             self.config(),
             description="embed plate",
-            on_result=self.set_result,
+            on_result=partial(self.set_result, identity=plate_identity(load.index)),
         )
 
-    def set_result(self, value: tuple[Any, pd.DataFrame]) -> None:
-        """Show an embedding run: plate-map features, scatter plot, summary line."""
+    def set_result(
+        self, value: tuple[Any, pd.DataFrame], identity: tuple[str, str] | None = None
+    ) -> None:
+        """Show an embedding run (of the folder ``identity``, see :func:`plate_identity`):
+        plate-map features, scatter plot, summary line."""
         result, fields = value
-        self.result, self.out_dir = result, result.out_dir
+        self.result, self.out_dir, self.identity = result, result.out_dir, identity
         self.set_table(fields)
         skipped = f" ({result.n_wells_skipped} wells resumed)" if result.n_wells_skipped else ""
         self.panel.log(
@@ -407,12 +419,16 @@ class EmbedTab(QWidget):
             self.out_edit.setText(str(default_out_dir(index.attrs["root"])))
         if self.table is None:
             return
-        plates = set(index["Metadata_Plate"].astype(str))
-        if set(self.table["Metadata_Plate"].astype(str)) <= plates:  # the same plate again
-            self._update_plate_map()  # the rescan rebuilt the plate map's features
-        else:
-            self.table, self.selected = None, None
-            self.info.setText("Scan done: embed this plate to see it.")
+        if self.identity is not None and plate_identity(index) == self.identity:
+            self._update_plate_map()  # the same folder again: the rescan rebuilt the features
+            return
+        # another folder (even a copy with the same plate name): its embeddings are not these
+        self.table, self.selected, self.identity, self.coords = None, None, None, None
+        self.result, self.out_dir = None, None  # Profile must not profile the other folder
+        if self.plot is not None:
+            self.plot.set_points(np.zeros((0, 2)), [])
+            self.plot.caption.setText("No embeddings for this plate yet: press Embed plate.")
+        self.info.setText("Scan done: embed this plate to see it.")
 
     def open_row(self, row: int) -> Any:
         """Open field ``row`` of the table in the Load tab (what clicking a point does)."""
@@ -563,8 +579,8 @@ class EmbedTab(QWidget):
 
 
 class EmbedWidget(MainPanel):
-    """The "Embed" widget of the Plugins menu: the Load tab (the plate comes from there) and the
-    Embed tab."""
+    """The "Embed" widget of the Plugins menu: the Embed tab, compact, on the viewer's Load tab
+    (its own when the viewer has none yet)."""
 
     def __init__(self, napari_viewer: napari.Viewer):
-        super().__init__(napari_viewer, tabs=("Load", "Embed"))
+        super().__init__(napari_viewer, tabs=("Embed",), compact=True)

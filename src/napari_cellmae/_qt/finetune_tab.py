@@ -126,6 +126,18 @@ class LossPlot(QWidget):
         self.ax.set_ylabel("masked MSE")
         dark_axes(self.ax)
         self.ax.legend(fontsize=7, facecolor=BACKGROUND, labelcolor=FOREGROUND)
+        # shown while there is no point: an empty autoscaled axis would read -0.04…0.04
+        self.empty_note = self.ax.text(
+            0.5,
+            0.5,
+            "the loss appears here once training starts",
+            transform=self.ax.transAxes,
+            ha="center",
+            va="center",
+            color=FOREGROUND,
+            fontsize=8,
+        )
+        self._show_empty(True)
         self._drawn = 0.0
         # a throttled redraw is not dropped: the latest points are drawn when the window ends
         self._pending = QTimer(self)
@@ -173,9 +185,20 @@ class LossPlot(QWidget):
             (self.val_line, self.val_points),
         ):
             line.set_data([p[0] for p in points], [p[1] for p in points])
-        self.ax.relim()
-        self.ax.autoscale_view()
+        empty = not (self.train_points or self.val_points)
+        self._show_empty(empty)
+        if not empty:
+            self.ax.relim()
+            self.ax.autoscale_view()
         self.canvas.draw_idle()
+
+    def _show_empty(self, empty: bool) -> None:
+        """No points: no ticks (no made-up scale), a note instead; points: normal axes."""
+        self.empty_note.set_visible(empty)
+        if empty:
+            self.ax.set_xlim(0, 1)
+            self.ax.set_ylim(0, 1)
+        self.ax.tick_params(labelbottom=not empty, labelleft=not empty, length=0 if empty else 3.5)
 
 
 class FinetuneTab(QWidget):
@@ -484,7 +507,8 @@ def refresh_model_pickers() -> None:
 
 
 class FinetuneWidget(MainPanel):
-    """The "Fine-tune" widget of the Plugins menu: the main panel with only this tab."""
+    """The "Fine-tune" widget of the Plugins menu: this tab, compact, sharing the viewer's
+    model, device and Load tab with the other CellMAE docks."""
 
     def __init__(self, napari_viewer: napari.Viewer):
-        super().__init__(napari_viewer, tabs=("Fine-tune",))
+        super().__init__(napari_viewer, tabs=("Fine-tune",), compact=True)

@@ -2,7 +2,8 @@
 
 - :func:`open_field` shows a ``(C, H, W)`` field as one Image layer per channel (named by channel,
   additive blending, a colormap per stain, percentile contrast, native dtype kept); opening another
-  field updates the same layers in place.
+  field of the same channels updates the same layers in place, a field of other channels replaces
+  them.
 - :func:`plate_map_layer` shows one point per field in plate geometry above the field (sites laid
   out inside their well) over a faint "plate wells" layer (every well of the 96/384/1536-well
   plate); ``features`` holds the field metadata, so napari's feature table and
@@ -31,6 +32,8 @@ PLATE_MAP_KEY = "cellmae_plate_map"  # layer.metadata flag of plate maps
 PLATE_WELLS_NAME = "plate wells"
 PLATE_WELLS_KEY = "cellmae_plate_wells"
 FIELD_KEY = "cellmae_field"  # layer.metadata entry of channel layers: the field's metadata
+FIELD_GROUP_KEY = "cellmae_field_group"  # ...and the name prefix of the field they belong to
+FIELD_CHANNELS_KEY = "cellmae_field_channels"  # ...and the channel names of that field
 CONTRAST_PERCENTILES = (0.5, 99.8)
 
 # stain-name patterns -> colormap (DNA blue, as in every Cell Painting figure)
@@ -114,7 +117,12 @@ def field_layer_data(
             "colormap": cmap,
             "blending": "additive",
             "contrast_limits": contrast_limits(field[c]),
-            "metadata": {FIELD_KEY: dict(metadata or {}), "channel_index": c},
+            "metadata": {
+                FIELD_KEY: dict(metadata or {}),
+                "channel_index": c,
+                FIELD_GROUP_KEY: name_prefix,
+                FIELD_CHANNELS_KEY: list(names),
+            },
         }
         out.append((field[c], kwargs, "image"))
     return out
@@ -135,18 +143,34 @@ def open_field(
     name_prefix: str = "",
     metadata: Mapping[str, Any] | None = None,
 ) -> list[Image]:
-    """Show ``field`` (C, H, W) as one Image layer per channel; layers with the same names are
-    updated in place (data, contrast, metadata), so browsing fields keeps the user's layout."""
+    """Show ``field`` (C, H, W) as one Image layer per channel, replacing the field shown before
+    (the layers with the same ``name_prefix``).
+
+    Browsing fields with the same channels (the same plate) updates the layers in place (data,
+    contrast, metadata), so the user's colormaps, visibility and order stay. A field with other
+    channels (another plate) removes the layers it has no channel for, and a layer whose name
+    it shares gets this field's colormap too.
+    """
     from napari.layers import Image
 
+    layer_data = field_layer_data(field, channel_names, name_prefix, metadata)
+    names = [kwargs["name"] for _, kwargs, _ in layer_data]
+    for old in list(viewer.layers):  # the previous field's channels this one does not have
+        if old.metadata.get(FIELD_GROUP_KEY) == name_prefix and old.name not in names:
+            viewer.layers.remove(old)
     layers = []
-    for data, kwargs, _ in field_layer_data(field, channel_names, name_prefix, metadata):
-        name = kwargs["name"]
-        existing = layer_named(viewer, name)
+    for data, kwargs, _ in layer_data:
+        existing = layer_named(viewer, kwargs["name"])
         if isinstance(existing, Image) and existing.ndim == data.ndim:
+            same_channels = (
+                existing.metadata.get(FIELD_CHANNELS_KEY) == kwargs["metadata"][FIELD_CHANNELS_KEY]
+            )
             existing.data = data
             existing.reset_contrast_limits_range()
             existing.contrast_limits = kwargs["contrast_limits"]
+            if not same_channels:  # another plate's channel of the same name: its own look
+                existing.colormap = kwargs["colormap"]
+                existing.blending = kwargs["blending"]
             existing.metadata.update(kwargs["metadata"])
             layers.append(existing)
         else:

@@ -9,6 +9,7 @@ Scanning and reading run in the panel's task runner (progress, Cancel, errors on
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +27,20 @@ from qtpy.QtWidgets import (
 )
 
 from ..plates.channels import load_channel_map, save_channel_map
-from ..plates.layouts import LAYOUTS, REGEX_EXAMPLE
+from ..plates.layouts import LAYOUTS, REGEX_EXAMPLE, REGEX_GROUPS_HELP
 from ..progress import Progress
 from .channel_names import ChannelNamesBox
 from .field_picker import FieldPicker
-from .layers import FIELD_KEY, PLATE_MAP_KEY, field_at_point, plate_map_layer, point_under_cursor
+from .layers import (
+    FIELD_CHANNELS_KEY,
+    FIELD_KEY,
+    PLATE_MAP_KEY,
+    field_at_point,
+    plate_map_layer,
+    point_under_cursor,
+)
 from .main_panel import MainPanel
+from .worker import gui_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -103,8 +112,7 @@ class LoadTab(QWidget):
         self.regex_edit = QLineEdit()
         self.regex_edit.setPlaceholderText(REGEX_EXAMPLE)
         self.regex_edit.setToolTip(
-            "Named groups: well (or row + col), site, channel; optional plate, plane, timepoint. "
-            "Searched in the path below the folder."
+            f"A regular expression with {REGEX_GROUPS_HELP}. Searched in the path below the folder."
         )
         self.regex_edit.setEnabled(False)
         self.scan_button = QPushButton("Scan")
@@ -173,8 +181,20 @@ class LoadTab(QWidget):
             self.panel.log("Load: another task is running; wait or press Cancel")
             return None
         return self.panel.runner.start(
-            _scan_task, folder, layout, description="scan plate", on_result=self.set_index
+            _scan_task,
+            folder,
+            layout,
+            description="scan plate",
+            on_result=self.set_index,
+            on_error=partial(self._scan_failed, folder),
         )
+
+    def _scan_failed(self, folder: str, exc: BaseException) -> None:
+        """The summary says the scan failed (not the previous plate's line, as if it worked)."""
+        text = f"Could not scan {folder}: {gui_text(exc)}"
+        if self.index is not None:
+            text += f"\nStill loaded: {self.index.attrs['root']}"
+        self.summary.setText(text)
 
     def set_index(self, index: pd.DataFrame) -> None:
         """Show a scanned plate: summary, pickers, channel table, plate map."""
@@ -309,7 +329,7 @@ class LoadTab(QWidget):
             try:
                 index = scan_cached(root)
             except (ValueError, OSError) as exc:
-                self.panel.log(f"Load: {exc}")
+                self.panel.log(f"Load: {gui_text(exc)}")
                 return
             self._adopt(index)
         self._hook_plate_map(layer)
@@ -356,6 +376,9 @@ class LoadTab(QWidget):
                 for cid, before in old.items():
                     if layer.name == before and new[cid] != before:
                         layer.name = new[cid]
+                if layer.metadata.get(FIELD_CHANNELS_KEY) == list(old.values()):
+                    # still this plate's field: the next field updates it in place
+                    layer.metadata[FIELD_CHANNELS_KEY] = list(new.values())
         save_channel_map(
             channel_map_path(self.index.attrs["root"]),
             new,
@@ -388,11 +411,12 @@ class LoadTab(QWidget):
 
 
 class LoadPlateWidget(MainPanel):
-    """The "Load plate" widget of the Plugins menu: the main panel with only this tab.
+    """The "Load plate" widget of the Plugins menu: this tab, compact (the viewer's plate for the
+    other CellMAE docks when it is the first Load tab).
 
     A class, not a function: napari passes the viewer to a dock widget by inspecting
     ``__init__`` for a ``napari_viewer`` parameter.
     """
 
     def __init__(self, napari_viewer: napari.Viewer):
-        super().__init__(napari_viewer, tabs=("Load",))
+        super().__init__(napari_viewer, tabs=("Load",), compact=True)

@@ -147,6 +147,12 @@ class DevicePicker(QWidget):
         self.combo.setCurrentIndex(max(index, 0))
         self.combo.blockSignals(False)
 
+    def set_device(self, device: str) -> None:
+        """Select ``device`` (``"auto"``, ``"cpu"``…) when it is in the list."""
+        index = self.combo.findData(device)
+        if index >= 0:
+            self.combo.setCurrentIndex(index)
+
     def device(self) -> str:
         """``"auto"``, ``"cpu"``, ``"cuda:0"``, ``"mps"``…"""
         data = self.combo.currentData()

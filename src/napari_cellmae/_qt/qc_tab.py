@@ -131,7 +131,7 @@ class QCTab(QWidget):
         self._highlight: str | None = None
 
         self.path_edit = QLineEdit()
-        self.path_edit.setPlaceholderText("plate folder (default: the Load tab's plate)")
+        self.path_edit.setPlaceholderText("plate folder (default: the plate of a Load tab, if any)")
         self.browse_button = QPushButton("Browse…")
         self.head_label = QLabel("")
         self.head_label.setWordWrap(True)
@@ -628,7 +628,8 @@ class QCTab(QWidget):
 
 
 class QCWidget(MainPanel):
-    """The "Artefact QC" widget of the Plugins menu: the main panel with only the QC tab."""
+    """The "Artefact QC" widget of the Plugins menu: the QC tab, compact, on the viewer's Load
+    tab (its own when the viewer has none yet)."""
 
     def __init__(self, napari_viewer: napari.Viewer):
-        super().__init__(napari_viewer, tabs=("QC",))
+        super().__init__(napari_viewer, tabs=("QC",), compact=True)

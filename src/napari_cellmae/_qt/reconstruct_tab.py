@@ -473,8 +473,8 @@ class ReconstructTab(QWidget):
 
 
 class ReconstructWidget(MainPanel):
-    """The "Reconstruct masked view" widget of the Plugins menu: the main panel with only this
-    tab (channels are the Image layers you tick)."""
+    """The "Reconstruct masked view" widget of the Plugins menu: this tab, compact, sharing the
+    viewer's model, device and Load tab (channels are the Image layers you tick)."""
 
     def __init__(self, napari_viewer: napari.Viewer):
-        super().__init__(napari_viewer, tabs=("Reconstruct",))
+        super().__init__(napari_viewer, tabs=("Reconstruct",), compact=True)

@@ -26,6 +26,12 @@ logger = logging.getLogger(__name__)
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
 
 
+def gui_text(exc: BaseException) -> str:
+    """An error's message for the GUI: its ``gui_message`` where it has one (it names the
+    widgets to use, where ``str(exc)`` speaks Python/CLI: ``layout=…``, ``--layout``)."""
+    return str(getattr(exc, "gui_message", None) or exc)
+
+
 def _on_destroyed(alive: dict[str, Any], *_: Any) -> None:
     alive["alive"] = False
     if alive["worker"] is not None:
@@ -142,7 +148,7 @@ class TaskRunner(QWidget):
                 logger.error("".join(traceback.format_exception(exc)))
                 return
             if isinstance(exc, USER_ERRORS):
-                self._status(f"{self._description}: {exc}")
+                self._status(f"{self._description}: {gui_text(exc)}")
             else:
                 logger.error("".join(traceback.format_exception(exc)))
                 self._status(f"{self._description} failed: {type(exc).__name__}: {exc}")
@@ -157,6 +163,11 @@ class TaskRunner(QWidget):
                 return
             state = outcome["state"]
             elapsed = format_seconds(time.monotonic() - self._t0)
+            # leave the busy indicator whatever happened (a task can end before its first
+            # event with a total: failed at once, or nothing to do): a still bar with text
+            if self.bar.maximum() == 0:
+                self.bar.setRange(0, 1)
+                self.bar.setValue(0)
             if state == "done":
                 self.bar.setValue(self.bar.maximum())
                 self.bar.setFormat(f"{self._description}: done in {elapsed}")

@@ -16,7 +16,10 @@ def progress_bar(desc: str, unit: str = "it", postfix: int | None = None) -> tup
 
     def update(event: Any) -> None:
         if event.total is not None and bar.total != event.total:
-            bar.reset(total=event.total)  # the rate and ETA count from here
+            bar.reset(total=event.total)
+            # the rate and ETA count from here: units already done (the one that announced the
+            # total, resumed ones) are not divided by the microseconds since the reset
+            bar.initial = event.done
         bar.n = event.done
         if postfix != 0:
             bar.set_postfix_str(event.message[:postfix], refresh=False)

@@ -4,9 +4,9 @@ Each field is tiled into 256×256 crops (ceil(side/256) evenly spaced crops per 
 vector is the mean of its crops', a well's the mean of its fields'. Reading runs ahead in
 background threads while the model computes; memory does not grow with the plate.
 
-Writes into --out: crops.parquet, fields.parquet, wells.parquet (+ wells.csv), features.parquet
-(classic per-channel intensity/texture statistics, the baseline of `cellmae profile`),
-errors.parquet (+ errors.csv: fields that could not be read, with the reason), config.json (model
+Writes into --out: crops.parquet, fields.parquet, wells.parquet, features.parquet (classic
+per-channel intensity/texture statistics, the baseline of `cellmae profile`), errors.parquet
+(fields that could not be read, with the reason), each with a .csv twin, config.json (model
 name and checksum, channels, pooling, block, normalisation and each plate's reference, version)
 and channels.json. Feature columns are emb_0000…; metadata columns Metadata_Plate, Metadata_Well,
 Metadata_Site … as in pycytominer.
@@ -149,10 +149,10 @@ def run(args: argparse.Namespace) -> int:
     skipped = f", {result.n_wells_skipped} already done" if result.n_wells_skipped else ""
     if result.n_wells_retried:  # wells with failed fields are read again: a fixed file counts
         skipped += f", {result.n_wells_retried} with failed fields retried"
+    failed = f"; {result.n_errors} field(s) failed (see errors.csv)" if result.n_errors else ""
     print(
         f"embedded {result.n_fields} fields ({result.n_crops} crops) in {result.n_wells} wells"
-        f"{skipped}; {result.n_errors} field(s) failed (see errors.csv); "
-        f"{result.seconds:.1f} s -> {result.out_dir}"
+        f"{skipped}{failed}; {result.seconds:.1f} s -> {result.out_dir}"
     )
     for name, path in result.tables.items():
         print(f"  {name:<9} {path}")

@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             progress=show,
         )
     table = report.metrics[["metric", "model", "baseline", "chance"]]
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    # a metric without a value (no baseline, no chance level) reads "–" as in report.md
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–"))
     print(f"report: {report.out_dir / 'report.md'}")
     return 0

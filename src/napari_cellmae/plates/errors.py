@@ -5,7 +5,16 @@ from __future__ import annotations
 
 
 class PlateError(ValueError):
-    """Base class of everything a plate folder can get wrong."""
+    """Base class of everything a plate folder can get wrong.
+
+    ``str(error)`` tells a Python or CLI user what to pass (``layout=…``, ``--layout``);
+    :attr:`gui_message`, where the fix differs in the GUI, says it in the GUI's words (the
+    layout box, the pattern field, the site list) for its status line.
+    """
+
+    def __init__(self, message: str, gui_message: str | None = None):
+        super().__init__(message)
+        self.gui_message = gui_message or message
 
 
 class LayoutError(PlateError):

@@ -360,6 +360,10 @@ LAYOUTS: dict[str, Layout] = {
 
 REGEX_GROUPS = ("well", "row", "col", "site", "channel", "plate", "plane", "timepoint")
 REGEX_EXAMPLE = r"(?P<well>[A-P]\d{2})_s(?P<site>\d+)_(?P<channel>\w+)\.tif"
+REGEX_GROUPS_HELP = (
+    "named groups well (or row + col), site, channel, plate, plane, timepoint, each optional: "
+    "without well every field is well A01, without site site 1, without channel one channel"
+)
 
 
 def looks_like_regex(text: str) -> bool:

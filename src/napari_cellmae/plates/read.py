@@ -274,10 +274,13 @@ def _read_files(
     rule of :func:`read_channel` (``multichannel``: the plate has one file per field)."""
     missing = [c for c in channels if c not in files]
     if missing:
-        raise MissingChannelError(
+        problem = (
             f"{_describe(meta)} has no file for channel(s) {missing} (found {sorted(files)}): "
-            "the acquisition may have stopped early; pass channels=[...] to read the others, "
-            "or skip this field"
+            "the acquisition may have stopped early"
+        )
+        raise MissingChannelError(
+            f"{problem}; pass channels=[...] to read the others, or skip this field",
+            f"{problem}; open another field (the site list marks incomplete ones)",
         )
     planes = [read_channel(files[c], multichannel) for c in channels]
     shapes = {p.shape[-2:] for p in planes}
@@ -324,8 +327,9 @@ def select_field(
     if plate is None:
         plates = rows["Metadata_Plate"].unique().tolist()
         if len(plates) > 1:
+            problem = f"well {well} is on {len(plates)} plates ({', '.join(plates)})"
             raise FieldNotFoundError(
-                f"well {well} is on {len(plates)} plates ({', '.join(plates)}): pass plate=..."
+                f"{problem}: pass plate=...", f"{problem}: choose the plate in the plate list"
             )
     else:
         rows = rows[rows["Metadata_Plate"] == str(plate)]

@@ -19,6 +19,7 @@ from .errors import LayoutError
 from .layouts import (
     LAYOUTS,
     REGEX_EXAMPLE,
+    REGEX_GROUPS_HELP,
     STRUCTURAL_FOLDER,
     Layout,
     Parsed,
@@ -117,21 +118,27 @@ def detect_layout(
     best, second = ranked[0], ranked[1]
     tried = ", ".join(f"{n} {counts[n]}" for n in ranked)
     hint = (
-        "Pass layout=<name> to choose one, or a regular expression with named groups "
-        f"(well, site, channel; optional plate, row, col, plane, timepoint), e.g. "
-        f"layout=r'{REGEX_EXAMPLE}' (CLI: --layout, Load tab: 'regex')."
+        f"Choose one with layout=<name> (Python) or --layout <name> (CLI), or give a regular "
+        f"expression instead, e.g. layout=r'{REGEX_EXAMPLE}'; {REGEX_GROUPS_HELP}."
+    )
+    gui_hint = (
+        "Choose the layout in the layout box next to Scan, or choose 'regex (named groups)' "
+        f"there and type a pattern in the field beside it, e.g. {REGEX_EXAMPLE}; "
+        f"{REGEX_GROUPS_HELP}."
     )
     if counts[best] == 0:
         examples = ", ".join(names[:3]) or "none"
-        raise LayoutError(
+        problem = (
             f"no known plate layout in {folder}: {len(names)} image files, matches per layout: "
-            f"{tried}. Example names: {examples}. {hint}"
+            f"{tried}. Example names: {examples}."
         )
+        raise LayoutError(f"{problem} {hint}", f"{problem} {gui_hint}")
     if counts[second] >= AMBIGUITY_RATIO * counts[best]:
-        raise LayoutError(
+        problem = (
             f"ambiguous plate folder {folder}: several layouts match (files matched: {tried} of "
-            f"{len(names)}); it may mix exports of two instruments. {hint}"
+            f"{len(names)}); it may mix exports of two instruments."
         )
+        raise LayoutError(f"{problem} {hint}", f"{problem} {gui_hint}")
     return LAYOUTS[best], results[best], counts
 
 
@@ -196,10 +203,15 @@ def scan_plate(
         chosen = get_layout(layout)
         matched = _match_all(chosen, relpaths, names)
         if not matched:
-            raise LayoutError(
+            problem = (
                 f"layout {chosen.name!r} ({chosen.description}) matches none of the {len(names)} "
-                f"image files in {root} (e.g. {', '.join(names[:3])}): use layout='auto' or a "
-                f"regex, e.g. {REGEX_EXAMPLE}"
+                f"image files in {root} (e.g. {', '.join(names[:3])})"
+            )
+            raise LayoutError(
+                f"{problem}: use layout='auto' (--layout auto) or a regex, e.g. {REGEX_EXAMPLE}; "
+                f"{REGEX_GROUPS_HELP}",
+                f"{problem}: choose 'auto (detect)' in the layout box, or another layout, or a "
+                f"pattern, e.g. {REGEX_EXAMPLE}; {REGEX_GROUPS_HELP}",
             )
 
     root_plate = _root_plate_name(root)

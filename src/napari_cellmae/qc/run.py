@@ -50,6 +50,7 @@ LINK_MODES = ("hard", "symlink", "copy")
 DEFAULT_THRESHOLD = 0.5
 MIRROR_MARKER = ".cellmae-mirror.json"
 UNREADABLE = "unreadable"
+FIELD_UNREADABLE = "field unreadable: "  # QC_Error of a sound file in an unreadable field
 
 
 @dataclass
@@ -183,7 +184,7 @@ def measure_rows(
                         bad = str(exc)
                 row = {**meta, "Metadata_Channel": ch, "channel_name": names[ch]}
                 row["path"] = paths.get(ch, "")
-                row["QC_Error"] = bad or f"field unreadable: {error}"
+                row["QC_Error"] = bad or f"{FIELD_UNREADABLE}{error}"
                 if planes is not None:
                     row.update({f"QC_{k}": v[0] for k, v in measure(planes[:1], (scale,)).items()})
                 rows.append(row)
@@ -314,14 +315,24 @@ def field_verdicts(
 
     keys = field_keys(result.index)
     fields = result.fields.copy()
-    worst = images.sort_values("QC_Score", ascending=False, kind="stable")
-    worst = worst.drop_duplicates(keys).set_index(keys)
-    flagged = images[images["QC_Flag"]]
+    # in an unreadable field the channel whose own file failed goes first (it names QC_Channel);
+    # its sound channels only carry the field's error ("field unreadable: …") and add no reason
+    errors = images["QC_Error"].astype(str)
+    culprit = (errors != "") & ~errors.str.startswith(FIELD_UNREADABLE)
+    ranked = images.assign(is_culprit=culprit).sort_values(
+        ["QC_Score", "is_culprit"], ascending=False, kind="stable"
+    )
+    worst = ranked.drop_duplicates(keys).set_index(keys)
+    has_culprit = {tuple(r) for r in images.loc[culprit, keys].itertuples(index=False)}
     reasons: dict[tuple, list[str]] = {}
-    for row in flagged.sort_values("QC_Score", ascending=False, kind="stable").itertuples():
+    for row in ranked[ranked["QC_Flag"]].itertuples():
         k = tuple(getattr(row, c) for c in keys)
         if row.QC_Class == UNREADABLE:
+            if k in has_culprit and not row.is_culprit:
+                continue
             text = f"{UNREADABLE}: {row.QC_Reason}"
+            if text in reasons.get(k, []):
+                continue
         else:  # "blur: p=0.93" -> "blur in DNA: p=0.93"
             cls, _, detail = str(row.QC_Reason).partition(": ")
             text = f"{cls or row.QC_Class} in {row.channel_name}" + (

@@ -171,7 +171,14 @@ def scan_plate(
                 f"regex, e.g. {REGEX_EXAMPLE}"
             )
 
-    root_plate = _root_plate_name(root)
+    layout_note = ""
+    if chosen.finish is not None:  # a decision that needs the whole folder (scan^R plate format)
+        matched, layout_note = chosen.finish(matched, names)
+
+    # scan^R's data/ folder (and its like) is not the plate's name: its parent is
+    root_plate = _root_plate_name(
+        root.parent if root.name.lower() in chosen.export_folders else root
+    )
     cols: dict[str, list] = {k: [] for k in ("plate", "row", "col", "site", "channel", "path")}
     planes: list[int | None] = []
     times: list[int | None] = []
@@ -180,7 +187,11 @@ def scan_plate(
         rel = relpaths[i]
         plate = p.plate
         if plate is None:
-            folders = [f for f in rel.split("/")[:-1] if not STRUCTURAL_FOLDER.match(f)]
+            folders = [
+                f
+                for f in rel.split("/")[:-1]
+                if not STRUCTURAL_FOLDER.match(f) and f.lower() not in chosen.export_folders
+            ]
             plate = "_".join(folders) if folders else root_plate
         cols["plate"].append(plate)
         cols["row"].append(p.row)
@@ -241,6 +252,8 @@ def scan_plate(
         f"{len(channels)} channel{'s' * (len(channels) != 1)} ({', '.join(channels)}), "
         f"{len(df)} files"
     )
+    if layout_note:
+        summary += f"; {layout_note}"
     skipped = len(names) - len(matched)
     if skipped:
         summary += f"; {skipped} image files not matching the layout ignored"

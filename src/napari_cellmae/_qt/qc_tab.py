@@ -103,8 +103,10 @@ def metrics_only_features(result: QCResult) -> np.ndarray:
 
 
 def _export_task(result: QCResult, images, fields, out: str, mirror: str | None, mode: str):
-    from ..qc.run import mirror_passing, write_report
+    from ..qc.run import check_mirrorable, mirror_passing, write_report
 
+    if mirror:  # refused before the report is written (an OME-Zarr plate has no files to link)
+        check_mirrorable(result.index)
     yield Progress(0, None, "writing the QC report")
     paths = write_report(result, out, images, fields, mirror=mirror, link_mode=mode)
     mirrored = None

@@ -26,7 +26,7 @@ def add_layout(group: ArgumentTarget) -> None:
         default="auto",
         help=f"file naming: auto (detect), {', '.join(LAYOUT_NAMES)}, scanr:384 (scan^R well "
         "numbers on a 384-well plate; also 6, 12, 24, 48, 96, 1536), or a regex with named "
-        "groups (default: auto; OME-Zarr HCS plates are recognised whatever the layout)",
+        "groups (default: auto, which also reads OME-Zarr HCS plates)",
     )
 
 

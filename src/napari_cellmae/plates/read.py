@@ -26,6 +26,7 @@ from .errors import (
     PlateError,
     SizeMismatchError,
 )
+from .omezarr import is_zarr_image, read_zarr_field
 from .scan import field_keys, list_fields
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,6 +44,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     :class:`CorruptFileError` naming the file when it is missing, truncated or not decodable.
     """
     path = Path(path)
+    if is_zarr_image(path):  # a field of an OME-Zarr plate: its channels (first plane, time)
+        return read_zarr_field(path)
     ext = path.suffix.lower()
     try:
         if ext in _TIFF:
@@ -77,6 +80,16 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             "re-export or re-copy it"
         )
     return planes
+
+
+def read_index_image(
+    path: str | os.PathLike, channel: str, meta: dict[str, Any] | None = None
+) -> np.ndarray:
+    """What one row of a plate index points at, as ``(P, H, W)``: the image file, or for an
+    OME-Zarr field (all channels share its ``path``) that one ``channel`` of the field."""
+    if is_zarr_image(path):
+        return read_zarr_field(path, [channel], meta)
+    return read_image(path)
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -166,6 +179,8 @@ def _read_files(meta: dict[str, Any], files: dict[str, str], channels: list[str]
             "the acquisition may have stopped early; pass channels=[...] to read the others, "
             "or skip this field"
         )
+    if is_zarr_image(files[channels[0]]):  # OME-Zarr: one array holds the field's channels
+        return read_zarr_field(files[channels[0]], channels, meta)
     planes = [read_image(files[c]) for c in channels]
     shapes = {p.shape[-2:] for p in planes}
     if len(shapes) > 1:

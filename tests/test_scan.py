@@ -290,6 +290,7 @@ def test_scanr_folder_plate_format_from_the_folder(tmp_path):
 
     wide = scan_plate(tmp_path / "Screen7", layout="scanr:384")
     assert wide["Metadata_Well"].drop_duplicates().tolist() == ["A01", "A14", "D24"]
+    assert wide.attrs["layout"] == "scanr:384"  # what run records keep: a re-scan reads alike
     assert "384-well plate (chosen)" in wide.attrs["summary"]
 
     _scanr_file(data, 200)  # only a 384-well plate has a well 200 (I08)

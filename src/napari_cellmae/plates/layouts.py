@@ -435,7 +435,7 @@ def scanr_layout(plate_format: int | None = None) -> Layout:
             f"{', '.join(map(str, PLATE_FORMATS))} wells, e.g. layout 'scanr:384'"
         )
     return Layout(
-        "scanr",
+        "scanr" if plate_format is None else f"scanr:{plate_format}",  # a record re-scans alike
         _SCANR,
         _scanr_parser(plate_format),
         "Olympus scan^R (wells numbered row-major: 96-well unless the folder says otherwise; "

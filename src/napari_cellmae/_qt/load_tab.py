@@ -108,6 +108,8 @@ class LoadTab(QWidget):
             self.layout_combo.setItemData(
                 self.layout_combo.count() - 1, layout.description, Qt.ItemDataRole.ToolTipRole
             )
+        for wells in (96, 384, 1536):  # scan^R numbers wells: the plate format maps them
+            self.layout_combo.addItem(f"scanr, {wells}-well plate", f"scanr:{wells}")
         self.layout_combo.addItem("regex (named groups)", REGEX)
         self.regex_edit = QLineEdit()
         self.regex_edit.setPlaceholderText(REGEX_EXAMPLE)

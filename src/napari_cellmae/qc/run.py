@@ -152,8 +152,9 @@ def measure_rows(
     every field of ``index`` (a plate, or one well of it: the unit of a distributed run)."""
     import pandas as pd
 
-    from ..plates import iter_fields, list_fields, read_channel
+    from ..plates import iter_fields, list_fields
     from ..plates.channels import index_channel_names, index_channels
+    from ..plates.read import read_index_image
     from ..plates.scan import field_keys
 
     keys = field_keys(index)
@@ -179,7 +180,9 @@ def measure_rows(
                 planes = None
                 if not bad:
                     try:
-                        planes = read_channel(paths[ch], multichannel=len(channels) == 1)
+                        planes = read_index_image(
+                            paths[ch], ch, meta, multichannel=len(channels) == 1
+                        )
                     except ValueError as exc:
                         bad = str(exc)
                 row = {**meta, "Metadata_Channel": ch, "channel_name": names[ch]}
@@ -472,6 +475,24 @@ def _place(src: Path, dst: Path, mode: str) -> None:
             shutil.copy2(src, tmp)
 
 
+def check_mirrorable(plate: str | os.PathLike | pd.DataFrame) -> None:
+    """ValueError when the plate (folder or index) keeps its fields in an OME-Zarr store: the
+    mirror links image files, and a zarr plate's fields are chunks of shared arrays."""
+    from ..plates.omezarr import LAYOUT_NAME, is_ome_zarr_plate
+
+    if isinstance(plate, (str, os.PathLike)):
+        root, zarr_plate = plate, is_ome_zarr_plate(plate)
+    else:
+        root, zarr_plate = plate.attrs.get("root"), plate.attrs.get("layout") == LAYOUT_NAME
+    if zarr_plate:
+        raise ValueError(
+            f"{root} is an OME-Zarr plate: its fields are chunks of shared zarr arrays, not files, "
+            "so there is nothing to mirror (--link-passing / 'mirror passing images'). Leave the "
+            "mirror out: passing_fields.csv lists the passing fields (and passing_images.csv "
+            "their zarr image paths) to select them downstream."
+        )
+
+
 def mirror_passing(
     index: pd.DataFrame,
     fields: pd.DataFrame,
@@ -487,6 +508,7 @@ def mirror_passing(
 
     if mode not in LINK_MODES:
         raise ValueError(f"Unknown link mode {mode!r}: use one of {', '.join(LINK_MODES)}.")
+    check_mirrorable(index)
     root = Path(index.attrs["root"])
     mirror = Path(mirror)
     _check_outside(mirror, root, "mirror folder")
@@ -545,6 +567,7 @@ def run_qc(
         _check_outside(out, plate, "output folder")
         if link_passing is not None:
             _check_outside(link_passing, plate, "mirror folder")
+            check_mirrorable(plate)  # before measuring, not after
     if executor is None and shard is None and not assemble_only:
         result = yield from measure_plate(plate, model, head, layout=layout, batch_size=batch_size)
     else:

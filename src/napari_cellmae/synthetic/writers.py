@@ -23,8 +23,19 @@ _INCELL_WAVELENGTHS = (
     "740 - IR",
     "780 - IR2",
 )
+# scan^R channels carry the names set in the acquisition; these excitation lines sort naturally
+_SCANR_CHANNELS = tuple(f"{nm}nm" for nm in (355, 405, 445, 488, 514, 561, 594, 640, 680, 730, 785))
 _8BIT_LAYOUTS = ("rxrx", "rxrx3")
-WRITABLE_LAYOUTS = ("imagexpress", "harmony", "cellomics", "incell", "incucyte", "rxrx", "rxrx3")
+WRITABLE_LAYOUTS = (
+    "imagexpress",
+    "harmony",
+    "cellomics",
+    "incell",
+    "incucyte",
+    "rxrx",
+    "rxrx3",
+    "scanr",
+)
 
 
 def channel_ids(layout: str, n_channels: int) -> list[str]:
@@ -43,6 +54,7 @@ def channel_ids(layout: str, n_channels: int) -> list[str]:
         "incell": list(_INCELL_WAVELENGTHS[:n]),
         "rxrx": [f"w{i + 1}" for i in range(n)],
         "rxrx3": [str(i + 1) for i in range(n)],
+        "scanr": list(_SCANR_CHANNELS[:n]),
     }[layout]
 
 
@@ -63,8 +75,10 @@ def instrument_relpath(
     plane: int | None,
     timepoint: int | None,
     guid: bool,
+    plate_format: int = 96,
 ) -> str:
-    """File path (under the plate folder) of one channel image, as the instrument names it."""
+    """File path (under the plate folder) of one channel image, as the instrument names it
+    (``plate_format``: the plate scan^R numbers its wells on, row-major)."""
     from ..plates.layouts import row_to_index
 
     well = f"{row}{col:02d}"
@@ -90,6 +104,14 @@ def instrument_relpath(
         return f"{prefix}_{cid}_{row}{col}_{site}_{d:02d}d{rem // 60:02d}h{rem % 60:02d}m.tif"
     if layout == "rxrx":
         return f"{well}_s{site}_{cid}.png"
+    if layout == "scanr":  # data/--W00014--P00001--Z00000--T00000--488nm.tif (Z, T from 0)
+        from ..plates.layouts import PLATE_FORMATS
+
+        number = (row_to_index(row) - 1) * PLATE_FORMATS[plate_format][1] + col
+        return (
+            f"data/--W{number:05d}--P{site:05d}--Z{(plane or 1) - 1:05d}"
+            f"--T{(timepoint or 1) - 1:05d}--{cid}.tif"
+        )
     return f"{well}_s{site}_{cid}.jp2"  # rxrx3
 
 
@@ -126,6 +148,18 @@ def _default_wells(n: int) -> list[str]:
     return [f"{chr(65 + i // cols)}{i % cols + 1:02d}" for i in range(n)]
 
 
+def _plate_format_for(wells: list[str]) -> int:
+    """The smallest of the 96/384/1536-well plates that holds ``wells``."""
+    from ..plates.layouts import PLATE_FORMATS, row_to_index, split_well
+
+    parts = [split_well(w) for w in wells]
+    for fmt in (96, 384, 1536):
+        rows, cols = PLATE_FORMATS[fmt]
+        if all(row_to_index(r) <= rows and c <= cols for r, c in parts):
+            return fmt
+    raise ValueError(f"wells {wells} do not fit a 1536-well plate")
+
+
 def write_plate(
     folder: Any,
     layout: str = "imagexpress",
@@ -153,7 +187,8 @@ def write_plate(
         folders, e.g. RxRx ``"HUVEC-1/Plate1"``).
     layout : str
         One of ``imagexpress``, ``harmony``, ``cellomics``, ``incell``, ``incucyte``, ``rxrx``,
-        ``rxrx3``.
+        ``rxrx3``, ``scanr`` (wells numbered on the smallest of 96/384/1536 plates that holds
+        them, no well names in the file names).
     wells : int or list of str, optional
         Well names, or how many wells from ``A01`` row by row (default: the platemap's wells or 4).
     sites, n_channels, size, seed
@@ -178,9 +213,9 @@ def write_plate(
 
     if layout not in WRITABLE_LAYOUTS:
         raise ValueError(f"cannot write layout {layout!r}: choose one of {WRITABLE_LAYOUTS}")
-    if planes > 1 and layout not in ("imagexpress", "harmony", "incell"):
+    if planes > 1 and layout not in ("imagexpress", "harmony", "incell", "scanr"):
         raise ValueError(f"layout {layout!r} has no z planes in its file names: use planes=1")
-    if timepoints > 1 and layout not in ("imagexpress", "harmony", "incell", "incucyte"):
+    if timepoints > 1 and layout not in ("imagexpress", "harmony", "incell", "incucyte", "scanr"):
         raise ValueError(f"layout {layout!r} has no timepoints in its file names")
     prefix = plate_name.replace("/", "_")
     plate_dir = Path(folder) / plate_name
@@ -204,6 +239,7 @@ def write_plate(
         wells = 4
     if isinstance(wells, int):
         wells = _default_wells(wells)
+    plate_format = _plate_format_for(wells)
 
     plane_ids: list[int | None] = list(range(1, planes + 1)) if planes > 1 else [None]
     time_ids: list[int | None] = list(range(1, timepoints + 1)) if timepoints > 1 else [None]
@@ -237,7 +273,9 @@ def write_plate(
                             img = ndi.gaussian_filter(field.astype(np.float32), (0, blur, blur))
                             img = np.round(img).astype(dtype)
                     for c, cid in enumerate(ids):
-                        rel = instrument_relpath(layout, prefix, row, col, site, c, cid, p, t, guid)
+                        rel = instrument_relpath(
+                            layout, prefix, row, col, site, c, cid, p, t, guid, plate_format
+                        )
                         _write_image(plate_dir / rel, img[c], compression)
                         if thumbnails and layout == "imagexpress":
                             thumb = plate_dir / rel.replace(f"_{cid}", f"_{cid}_thumb", 1)

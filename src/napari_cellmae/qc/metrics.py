@@ -319,49 +319,81 @@ def intensity_stats(images: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def _running_variance(x: np.ndarray) -> np.ndarray:
-    """Sample variance of x[:i + 1] for every i (0 for i = 0), by the running sums
-    S_i = S_{i-1} + (x_i − m_{i-1})(x_i − m_i) that centrosome's ``otsu.running_variance`` uses
-    (BSD-3, CellProfiler/centrosome; the same arithmetic, so ties break the same way)."""
-    n = len(x)
-    m = x.cumsum() / np.arange(1, n + 1)
-    s = ((x[1:] - m[:-1]) * (x[1:] - m[1:])).cumsum()
-    return np.concatenate(([0.0], s / np.arange(1, n)))
-
-
-def _otsu_log(values: np.ndarray, bins: int = 256) -> float:
+def _otsu_log(values: np.ndarray, counts: np.ndarray, bins: int = 256) -> float:
     """centrosome ``get_otsu_threshold(two_class_otsu=True, use_weighted_variance=True)`` of one
-    image's float32 pixels: log transform, ``otsu`` on the sorted data, back-transform.
-    Adapted from CellProfiler/centrosome threshold.py and otsu.py (BSD-3-Clause)."""
-    data = np.sort(values[values >= 0])  # the transforms below are monotone: sort once, in float32
-    if data.size == 0:
+    image given as its distinct float32 pixel values (sorted, ≥ 0) and their counts.
+
+    As centrosome: clip below at min + (max − min)/256, log, stretch to [0, 1]; of the N sorted
+    pixels, every ⌊N/256⌋-th split is a candidate, scored by the sum of squared deviations below
+    it plus the sample variance above it × the count above it (centrosome's running variances);
+    the threshold is the mean of the candidates on either side of the best split, transformed
+    back. The running sums are taken over the distinct values with their counts, so a 16-bit
+    image costs a histogram, not a sort of its pixels. Adapted from CellProfiler/centrosome
+    threshold.py and otsu.py (BSD-3-Clause).
+    """
+    n = int(counts.sum())
+    if n == 0:
         return 1.0
-    lo, hi = data[0], data[-1]
-    noise_min = lo + (hi - lo) / np.float32(256.0) + np.finfo(data.dtype).eps  # float32
-    logged = np.log(np.maximum(data, noise_min))  # float32, as centrosome's log_transform
+    lo, hi = values[0], values[-1]
+    noise_min = lo + (hi - lo) / np.float32(256.0) + np.finfo(np.float32).eps  # float32
+    logged = np.log(np.maximum(values, noise_min))  # float32, as centrosome's log_transform
     log_min, log_max = float(logged[0]), float(logged[-1])
-    stretched = logged.astype(np.float64)
+    u = logged.astype(np.float64)
     if log_max > log_min:
-        stretched = (stretched - log_min) / (log_max - log_min)
+        u = (u - log_min) / (log_max - log_min)
     elif log_min < 0:
-        stretched = np.zeros_like(stretched)
+        u = np.zeros_like(u)
     elif log_min > 1:
-        stretched = np.ones_like(stretched)
-    n = stretched.size
+        u = np.ones_like(u)
     if n == 1:
-        t = float(stretched[0])
+        t = float(u[0])
     else:
-        bins = min(bins, n)
-        step = n // bins
-        var = _running_variance(stretched)
-        rvar = _running_variance(stretched[::-1])[::-1]
-        thresholds = stretched[1:n:step]
-        score = var[0 : n - 1 : step] * np.arange(0, n - 1, step) + rvar[1:n:step] * (
-            n - np.arange(1, n, step)
-        )
+        step = n // min(bins, n)
+        split = np.arange(0, n - 1, step)  # the low class is pixels 0 … split
+        ends = np.cumsum(counts)  # pixel positions < ends[j] hold values ≤ u[j]
+        s1, s2 = np.cumsum(counts * u), np.cumsum(counts * u * u)
+
+        def prefix(size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """Sums of x and x² over the first ``size`` sorted pixels (size ≥ 1)."""
+            j = np.searchsorted(ends, size, side="left")  # pixel size−1 has value u[j]
+            before = np.where(j > 0, ends[j - 1], 0)
+            extra = size - before
+            a = np.where(j > 0, s1[j - 1], 0.0) + extra * u[j]
+            b = np.where(j > 0, s2[j - 1], 0.0) + extra * u[j] * u[j]
+            return a, b
+
+        size_low = split + 1
+        a1, a2 = prefix(size_low)
+        size_high = n - size_low
+        b1, b2 = s1[-1] - a1, s2[-1] - a2
+        ssd_low = np.maximum(a2 - a1 * a1 / size_low, 0.0)
+        ssd_high = np.maximum(b2 - b1 * b1 / size_high, 0.0)
+        factor = np.where(size_high > 1, size_high / np.maximum(size_high - 1, 1), 0.0)
+        score = ssd_low + ssd_high * factor
+        thresholds = u[np.searchsorted(ends, split + 1, side="right")]  # pixel split + 1
         k = int(np.flatnonzero(score == score.min())[0])
         t = float((thresholds[max(k - 1, 0)] + thresholds[min(k + 1, len(thresholds) - 1)]) / 2)
     return float(np.exp(t * (log_max - log_min) + log_min))
+
+
+def _distinct(image: np.ndarray, top: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct non-negative float32 pixel values of one image as CellProfiler holds it (scaled
+    like :func:`to_unit`, cast to float32), sorted, with their counts; integer images of up to
+    16 bits by a histogram of the raw values."""
+    if image.dtype in (np.uint8, np.uint16):
+        counts = np.bincount(image.ravel())
+        raw = np.flatnonzero(counts)
+        scale = float(np.iinfo(image.dtype).max) if top is None else float(top)
+        return (raw / scale).astype(np.float32), counts[raw]
+    x = to_unit(image, top).astype(np.float32).ravel()
+    values, counts = np.unique(x[x >= 0], return_counts=True)
+    return values, counts
+
+
+def _tops(n: int, max_value: MaxValue) -> list[float | None]:
+    if max_value is None or np.ndim(max_value) == 0:
+        return [max_value] * n  # type: ignore[list-item]
+    return list(max_value)  # type: ignore[arg-type]
 
 
 def threshold_otsu(images: np.ndarray, max_value: MaxValue = None) -> np.ndarray:
@@ -371,8 +403,13 @@ def threshold_otsu(images: np.ndarray, max_value: MaxValue = None) -> np.ndarray
     centrosome's ``get_otsu_threshold``, which thresholds log intensities (see the module doc).
     A constant image gives its own value (to float32 precision).
     """
-    x = _stack(images, max_value)
-    return np.array([_otsu_log(x[c].astype(np.float32).ravel()) for c in range(x.shape[0])])
+    arr = np.asarray(images)
+    arr = arr[None] if arr.ndim == 2 else arr
+    _stack(arr[:, :1, :1] if arr.ndim == 3 else arr, max_value)  # checks shape, dtype, max_value
+    if not np.isfinite(arr).all():
+        raise ValueError("Images contain NaN or inf values: replace them first (np.nan_to_num).")
+    tops = _tops(len(arr), max_value)
+    return np.array([_otsu_log(*_distinct(arr[c], tops[c])) for c in range(len(arr))])
 
 
 def measure(
@@ -385,7 +422,8 @@ def measure(
     ``max_value``: what integer images are divided by, one value or one per channel (the files'
     :func:`file_max_value`); None = the dtype's maximum.
     """
-    x = _stack(images, max_value)  # convert once: the functions below take float64 unchanged
+    arr = np.asarray(images)
+    x = _stack(arr, max_value)  # convert once: the functions below take float64 unchanged
     out: dict[str, np.ndarray] = {"FocusScore": focus_score(x)}
     for n in scales:
         out[f"LocalFocusScore_{n}"] = local_focus_score(x, n)
@@ -396,7 +434,7 @@ def measure(
     out["PercentMaximal"] = percent_maximal(x)
     out["PercentMinimal"] = percent_minimal(x)
     out.update(intensity_stats(x))
-    out["ThresholdOtsu"] = threshold_otsu(x)
+    out["ThresholdOtsu"] = threshold_otsu(arr, max_value)  # from the raw values: a histogram
     return {k: out[k] for k in metric_names(scales)}
 
 

@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nLOSO calibrations:")
     for s, r in loso.items():
         print(
-            f"  without {s}: z {r['cal'].z}, gates "
+            f"  without {s}: z {r['cal'].z}, mostly blurred below {r['cal'].plate_blur_limit}, "
+            "gates "
             + ", ".join(
                 f"{g.qc_class} {g.metric} {'>' if g.sign > 0 else '<'} {g.limit}"
                 for g in r["cal"].gates

@@ -90,6 +90,22 @@ def test_majority_blurred_plate_anchors_on_its_sharp_fields():
     assert out["QC_Baseline_Score"][:16].min() > out["QC_Baseline_Score"][16:].max()
 
 
+def test_a_mostly_blurred_plate_within_the_gate_is_judged_against_its_sharp_cluster():
+    # 15 fields mildly blurred (above the blur gate), 5 sharp: the plate's median is below the
+    # mostly-blurred limit and a sharper cluster exists, so the sharp fields are the anchor
+    rng = np.random.default_rng(3)
+    plls = np.r_[rng.uniform(-2.7, -2.5, 15), rng.uniform(-1.95, -1.85, 5)]
+    t = _table(plls)
+    out = bl.baseline_flags(t)
+    assert out["QC_Baseline_Flag"].tolist() == [True] * 15 + [False] * 5
+    # without that limit the blurred majority is the norm: nothing stands out
+    cal = bl.Calibration(bl.DEFAULT_Z, bl.DEFAULT_CALIBRATION.gates, plate_blur_limit=None)
+    assert not bl.baseline_flags(t, calibration=cal)["QC_Baseline_Flag"].any()
+    # a clean plate whose PowerLogLogSlope is naturally low, without a sharper cluster: unchanged
+    low = _table(rng.normal(-2.45, 0.05, 20))
+    assert not bl.baseline_flags(low)["QC_Baseline_Flag"].any()
+
+
 def test_too_few_plausible_images_give_no_plate_z():
     z = bl.zscores(_table(np.full(bl.MIN_ANCHOR - 1, -1.8)))
     assert (z.fillna(0).to_numpy() == 0).all()
@@ -104,6 +120,9 @@ def test_fit_calibration_follows_the_clean_extremes():
     assert gates["noise"].limit == pytest.approx(0.0)  # never below 0: power rising with f
     assert gates["saturation"].limit == pytest.approx(2 * clean["QC_PercentMaximal"].max(), 0.01)
     assert cal.z in bl.Z_GRID
+    assert cal.plate_blur_limit == pytest.approx(
+        clean["QC_PowerLogLogSlope"].median() - 0.3, abs=0.01
+    )
     flags = bl.baseline_flags(clean, cal.z, calibration=cal)["QC_Baseline_Flag"]
     assert flags.mean() <= 0.01
     with pytest.raises(ValueError, match="finite"):
@@ -154,13 +173,11 @@ def test_classic_mode_on_a_majority_defocus_plate_does_not_flag_sharp_fields(tra
             rows.append(table.iloc[i].filter(like="QC_").to_dict())
     plate = pd.DataFrame(rows).assign(Metadata_Plate="defocus", Metadata_Channel="GFP")
     out = bl.baseline_flags(plate)
-    assert not out["QC_Baseline_Flag"][~blurred].any()
-    assert out["QC_Baseline_Flag"].any()
-    assert set(out["QC_Baseline_Class"][out["QC_Baseline_Flag"]]) == {"blur"}
-    # ROC-AUC, defocused vs sharp (measured 0.98 and 0.82; the old rules: 0.0, every sharp
-    # field flagged): the blur score ranks them; the overall score also carries the other
-    # classes' plate z-scores, which stay below the threshold on the sharp fields
-    blur = out["QC_Baseline_blur"].to_numpy()
-    assert (blur[blurred][:, None] > blur[~blurred][None, :]).mean() >= 0.9
+    flag = out["QC_Baseline_Flag"].to_numpy()
     score = out["QC_Baseline_Score"].to_numpy()
-    assert (score[blurred][:, None] > score[~blurred][None, :]).mean() >= 0.75
+    auc = (score[blurred][:, None] > score[~blurred][None, :]).mean()
+    print(f"defocused flagged {flag[blurred].mean():.2f}, ROC-AUC {auc:.3f}")
+    assert not flag[~blurred].any()
+    assert flag[blurred].mean() >= 0.2  # measured 0.28 (5 of 18; the old rules: 0 of 18)
+    assert set(out["QC_Baseline_Class"][flag]) == {"blur"}
+    assert auc >= 0.9  # the field score ranks the defocused fields above the sharp ones

@@ -27,8 +27,12 @@ limit) / unit``: exactly the threshold at the limit.
 metric (its log for ratios and intensity-scaled metrics, so z measures relative change)
 becomes z = (x − median) / max(1.4826 · MAD, floor), median and MAD taken over the **anchor**:
 the group's images that pass every gate. When most of a plate is blurred beyond the gate, its
-sharp fields are the anchor and the blurred ones stand out, not the other way round; with fewer
-than :data:`MIN_ANCHOR` anchor images the group has no plate z-scores (the gates alone judge it:
+sharp fields are the anchor and the blurred ones stand out, not the other way round. A plate
+that is mostly blurred but within the gate is recognised by its median PowerLogLogSlope below
+``plate_blur_limit`` (the lowest median of a clean plate − 0.3) together with a sharper cluster
+(at least :data:`MIN_SHARP` images :data:`SHARP_GAP` above that median): that cluster becomes the
+anchor. A clean plate with a naturally low slope has no such cluster. With fewer than
+:data:`MIN_ANCHOR` plausible images the group has no plate z-scores (the gates alone judge it:
 statistics of a handful of images are noise). The floor is the smallest difference that counts
 as evidence: a very uniform plate would otherwise turn tiny differences into large z.
 
@@ -41,8 +45,8 @@ blur        log FocusScore             low   0.20   less variance for the same m
 noise       log MADRatio               high  0.10   MAD / median: shot and read noise spread
                                                     the typical pixel
 saturation  PercentMaximal             high  0.25   many pixels at the image's maximum
-empty       log MeanIntensity          low   0.15   no cells: only background
-empty       log StdIntensity           low   0.15   no cells: nothing varies
+empty       log StdIntensity           low   0.15   no cells: nothing varies (a low mean alone
+                                                    is a sparse field, not an empty one)
 debris      log MaxIntensity           high  0.10   objects much brighter than cells
 background  log LowerQuartileRatio     low   0.15   lower quartile / median: a bias field or
                                                     vignetting spreads the dim half
@@ -69,6 +73,8 @@ MAD_TO_SD = 1.4826
 # plate and channel (the run tables use Metadata_Channel, measure_field "channel")
 GROUP_BY = ("Metadata_Plate", "Metadata_Channel", "channel")
 MIN_ANCHOR = 6  # fewer plausible images than this in a group: no plate z-scores
+MIN_SHARP = 3  # a mostly-blurred group's sharp cluster needs this many images to anchor it
+SHARP_GAP = 0.45  # ... each this much above the group's median PowerLogLogSlope (3 floors)
 
 
 class Rule(NamedTuple):
@@ -98,7 +104,6 @@ RULES: tuple[Rule, ...] = (
     Rule("blur", "FocusScore", -1, log=True, floor=0.20),
     Rule("noise", "MADRatio", +1, log=True, floor=0.10),
     Rule("saturation", "PercentMaximal", +1, floor=0.25),
-    Rule("empty", "MeanIntensity", -1, log=True, floor=0.15),
     Rule("empty", "StdIntensity", -1, log=True, floor=0.15),
     Rule("debris", "MaxIntensity", +1, log=True, floor=0.10),
     Rule("background", "LowerQuartileRatio", -1, log=True, floor=0.15),
@@ -137,6 +142,28 @@ class Calibration:
 
     z: float
     gates: tuple[Gate, ...]
+    # a group whose typical (median) PowerLogLogSlope is below this and that has a sharper cluster
+    # is taken to be mostly blurred: its sharp cluster becomes the anchor (None: never)
+    plate_blur_limit: float | None = None
+
+    def anchor(self, images: pd.DataFrame, rows: np.ndarray, plausible: np.ndarray) -> np.ndarray:
+        """The anchor of one plate/channel group (positions ``rows``): its plausible images, or,
+        when the group is mostly blurred, the plausible images of its sharp cluster — at least
+        MIN_SHARP images with PowerLogLogSlope ≥ the group's median + SHARP_GAP."""
+        keep = plausible[rows].copy()
+        if keep.sum() < MIN_ANCHOR:  # a handful of images: their statistics are noise
+            return np.zeros(len(rows), bool)
+        if self.plate_blur_limit is None or "QC_PowerLogLogSlope" not in images.columns:
+            return keep
+        p = images["QC_PowerLogLogSlope"].to_numpy(np.float64)[rows]
+        ok = keep & np.isfinite(p)
+        if not ok.any():
+            return keep
+        median = float(np.median(p[ok]))
+        sharp = ok & (p >= median + SHARP_GAP)
+        if median < self.plate_blur_limit and sharp.sum() >= MIN_SHARP:
+            return sharp
+        return keep
 
     def gate_scores(self, images: pd.DataFrame, threshold: float) -> pd.DataFrame:
         """One column ``g_<class>_<metric>`` per gate: its score in z units (threshold at the
@@ -163,6 +190,7 @@ DEFAULT_CALIBRATION = Calibration(
         Gate("noise", "PowerLogLogSlope", +1, 0.2, 0.15),
         Gate("saturation", "PercentMaximal", +1, 1.0, 0.25),
     ),
+    plate_blur_limit=-2.28,
 )
 DEFAULT_Z = DEFAULT_CALIBRATION.z
 
@@ -198,9 +226,10 @@ def _rule_values(images: pd.DataFrame, rule: Rule, scale: int) -> np.ndarray:
 
 def _zscore(values: np.ndarray, anchor: np.ndarray, robust: bool, floor: float) -> np.ndarray:
     """z of ``values`` against the finite ``anchor`` images (median/MAD or mean/SD, spread ≥
-    floor); zeros when fewer than MIN_ANCHOR anchor images are finite."""
+    floor); zeros when fewer than MIN_SHARP anchor images are finite (a group with fewer than
+    MIN_ANCHOR plausible images gets no anchor at all, see :meth:`Calibration.anchor`)."""
     ref = values[anchor & np.isfinite(values)]
-    if len(ref) < MIN_ANCHOR:
+    if len(ref) < MIN_SHARP:
         return np.where(np.isfinite(values), 0.0, np.nan)
     if robust:
         centre = np.median(ref)
@@ -237,11 +266,12 @@ def zscores(
     plausible = ~(np.nan_to_num(gates, nan=-np.inf) > cal.z).any(axis=1) if len(gates.T) else None
     if plausible is None:
         plausible = np.ones(len(images), bool)
+    anchors = {key: cal.anchor(images, rows, plausible) for key, rows in groups.items()}
     for rule in RULES:
         values = _rule_values(images, rule, scale)
         z = np.full(len(images), np.nan)
-        for rows in groups.values():
-            z[rows] = rule.sign * _zscore(values[rows], plausible[rows], rule.robust, rule.floor)
+        for key, rows in groups.items():
+            z[rows] = rule.sign * _zscore(values[rows], anchors[key], rule.robust, rule.floor)
         out[f"z_{rule.qc_class}_{rule.metric.format(n=scale)}"] = z
     return out
 
@@ -330,9 +360,11 @@ def fit_calibration(
 
     Gates: PowerLogLogSlope below the clean minimum − GATE_MARGIN is blur, above the clean
     maximum + GATE_MARGIN noise; PercentMaximal above max(SATURATION_LIMIT, 2 × the clean
-    maximum) saturation. Threshold: the smallest of Z_GRID at which at most ``target_rate`` of
-    the clean images are flagged — or of the fields, when ``field_by`` names the columns that
-    identify a field (a field is flagged when any of its channels is).
+    maximum) saturation. Mostly-blurred limit: the lowest median PowerLogLogSlope of a clean
+    plate/channel group (of at least MIN_ANCHOR images) − GATE_MARGIN. Threshold: the smallest
+    of Z_GRID at which at most ``target_rate`` of the clean images are flagged — or of the
+    fields, when ``field_by`` names the columns that identify a field (a field is flagged when
+    any of its channels is).
     """
     plls = clean["QC_PowerLogLogSlope"].to_numpy(np.float64)
     pmax = clean["QC_PercentMaximal"].to_numpy(np.float64)
@@ -356,12 +388,16 @@ def fit_calibration(
             next(r.floor for r in RULES if r.metric == "PercentMaximal"),
         ),
     )
+    keys = [k for k in group_by if k in clean.columns]
+    groups = clean.groupby(keys, sort=False).indices if keys else {(): np.arange(len(clean))}
+    medians = [np.nanmedian(plls[r]) for r in groups.values() if len(r) >= MIN_ANCHOR]
+    plate_limit = round(float(min(medians)) - GATE_MARGIN, 2) if medians else None
     for z in Z_GRID:
-        cal = Calibration(float(z), gates)
+        cal = Calibration(float(z), gates, plate_limit)
         flags = baseline_flags(clean, float(z), group_by, scale, cal)["QC_Baseline_Flag"]
         if field_by:
             flags = flags.groupby([clean[k] for k in field_by]).any()
         rate = float(flags.mean())
         if rate <= target_rate:
             return cal
-    return Calibration(float(Z_GRID[-1]), gates)
+    return Calibration(float(Z_GRID[-1]), gates, plate_limit)

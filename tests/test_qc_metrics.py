@@ -1,5 +1,6 @@
 """CellProfiler MeasureImageQuality definitions against hand-computed values and a literal
-transcription of CellProfiler's (centrosome's) loops."""
+transcription of CellProfiler's (centrosome's) loops (tests/test_qc_fidelity.py: against
+CellProfiler's own values on the real images)."""
 
 from __future__ import annotations
 
@@ -132,16 +133,44 @@ def test_percent_maximal_minimal_and_intensities_by_hand():
     assert stats["MinIntensity"][0] == 1.0 and stats["MaxIntensity"][0] == 100.0
 
 
-def test_otsu_matches_scikit_image():
-    from skimage.filters import threshold_otsu
+def _centrosome_otsu_reference(x: np.ndarray) -> float:
+    """centrosome get_otsu_threshold (two classes, weighted variance), written with plain loops
+    over the candidate thresholds (CellProfiler/centrosome, BSD-3)."""
+    data = np.asarray(x, np.float32).ravel()
+    lo, hi = data.min(), data.max()
+    noise_min = lo + (hi - lo) / np.float32(256) + np.finfo(np.float32).eps
+    logged = np.log(np.maximum(data, noise_min)).astype(np.float64)
+    a, b = logged.min(), logged.max()
+    s = np.sort((logged - a) / (b - a))
+    n = len(s)
+    step = n // min(256, n)
+    cands, scores = [], []
+    for i in range(0, n - 1, step):  # split after s[i]: low = s[:i+1], high = s[i+1:]
+        low, high = s[: i + 1], s[i + 1 :]
+        var_low = low.var(ddof=1) if len(low) > 1 else 0.0
+        var_high = high.var(ddof=1) if len(high) > 1 else 0.0
+        cands.append(s[i + 1])
+        scores.append(var_low * i + var_high * (n - i - 1))
+    k = int(np.argmin(scores))
+    t = (cands[max(k - 1, 0)] + cands[min(k + 1, len(cands) - 1)]) / 2
+    return float(np.exp(t * (b - a) + a))
 
+
+def test_otsu_is_centrosomes_log_otsu():
     rng = np.random.default_rng(3)
     bimodal = np.concatenate([rng.normal(0.2, 0.03, 500), rng.normal(0.7, 0.05, 300)])
-    images = [bimodal.reshape(20, 40), rng.random((30, 30)), rng.gamma(2.0, size=(40, 40))]
+    images = [bimodal.reshape(20, 40), rng.random((30, 30)), rng.gamma(2.0, size=(40, 40)) / 20]
     for image in images:
-        assert m.threshold_otsu(image)[0] == pytest.approx(threshold_otsu(image))
+        assert m.threshold_otsu(image)[0] == pytest.approx(
+            _centrosome_otsu_reference(image), rel=1e-5
+        )
     assert 0.3 < m.threshold_otsu(bimodal.reshape(20, 40))[0] < 0.6
-    assert m.threshold_otsu(np.full((4, 4), 0.25))[0] == 0.25
+    assert m.threshold_otsu(np.full((4, 4), 0.25))[0] == pytest.approx(0.25)
+    # log intensities: a dim-background image with a few bright cells is split near the cells'
+    # faint edge, far below the linear histogram's midpoint
+    cells = np.full((64, 64), 0.01) + rng.normal(0, 0.001, (64, 64))
+    cells[20:30, 20:30] = 0.5
+    assert m.threshold_otsu(cells)[0] < 0.1
 
 
 def test_measure_is_per_channel_and_vectorised():

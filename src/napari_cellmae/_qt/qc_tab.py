@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..progress import Progress
+from ..qc.baseline import DEFAULT_Z
 from .load_tab import read_field_task
 from .main_panel import MainPanel
 
@@ -352,7 +353,7 @@ class QCTab(QWidget):
         self.notice.setVisible(bool(result.notice))
         head_mode = result.method == "head"
         self.slider.blockSignals(True)
-        self.slider.setValue(50 if head_mode else 20)  # p 0.5 / z 2.0
+        self.slider.setValue(50 if head_mode else round(DEFAULT_Z * 10))  # p 0.5 / z 3.2
         self.slider.blockSignals(False)
         self._show_threshold()
         self.retrain_button.setEnabled(True)

@@ -56,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--z-threshold",
         type=float,
-        default=2.0,
-        help="classic rules: flag when a metric's plate/channel z-score exceeds this (2)",
+        default=None,
+        help="classic rules: flag when a gate or plate/channel z-score exceeds this (default: "
+        "the value calibrated on clean real plates, qc.baseline.DEFAULT_Z = 3.2)",
     )
     parser.add_argument(
         "--classic-only",
@@ -180,6 +181,7 @@ def _run_plate(args: argparse.Namespace, scale, part, executor) -> int:
         if head.spec.uses_encoder:
             model, notice = _load_model(args, required=args.model is not None, executor=executor)
 
+    from ..qc.baseline import DEFAULT_Z
     from ..qc.run import run_qc
 
     bar, update = progress_bar("QC", "field", postfix=40)
@@ -191,7 +193,7 @@ def _run_plate(args: argparse.Namespace, scale, part, executor) -> int:
                 model,
                 head,
                 threshold=args.threshold,
-                z_threshold=args.z_threshold,
+                z_threshold=DEFAULT_Z if args.z_threshold is None else args.z_threshold,
                 link_passing=args.link_passing,
                 link_mode=args.link_mode,
                 layout=args.layout,

@@ -41,7 +41,7 @@ from .head import (
     metric_features,
     with_relative,
 )
-from .metrics import measure, metric_names
+from .metrics import file_max_value, measure, metric_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -189,12 +189,15 @@ def measure_rows(
                 row["path"] = paths.get(ch, "")
                 row["QC_Error"] = bad or f"{FIELD_UNREADABLE}{error}"
                 if planes is not None:
-                    row.update({f"QC_{k}": v[0] for k, v in measure(planes[:1], (scale,)).items()})
+                    top = file_max_value(paths[ch])  # CellProfiler's scaling (MaxSampleValue)
+                    values = measure(planes[:1], (scale,), max_value=top)
+                    row.update({f"QC_{k}": v[0] for k, v in values.items()})
                 rows.append(row)
                 if nan_row is not None:
                     feats.append(nan_row)
         else:
-            values = measure(image, (scale,))
+            tops = [file_max_value(paths.get(ch)) for ch in channels]  # MaxSampleValue or None
+            values = measure(image, (scale,), max_value=tops)
             for c, ch in enumerate(channels):
                 row = {**meta, "Metadata_Channel": ch, "channel_name": names[ch]}
                 row["path"] = paths.get(ch, "")

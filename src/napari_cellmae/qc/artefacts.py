@@ -23,8 +23,9 @@ Recipes (see docs/qc.md):
   size.
 - ``empty``: no cells at all: the field's own background (a smooth low-percentile surface plus
   noise matching the background's) with every cell removed, the background's level above the
-  image's black level kept at 100%, 60%, 30%, 10%, 0% (0: a dark frame, QC.md's exposure
-  e ≈ 1e-4). *Empty* means no cells, not few cells: :func:`sparse_field` thins a field to a
+  image's black level kept at 100%, 80%, 60%, 40%, 25% (a dimmer or missing stain; not a
+  dark frame, which on an 8-bit camera is a constant image that no metric can tell from a
+  saturated one). *Empty* means no cells, not few cells: :func:`sparse_field` thins a field to a
   handful of its cells, which is a good ("ok") field, for training heads that must tell the two
   apart.
 - ``background``: a smooth additive or multiplicative bias field (a random 2-D polynomial of
@@ -352,7 +353,7 @@ ARTEFACTS: dict[str, Artefact] = {
         Artefact(
             "empty",
             "empty",
-            (1.0, 0.6, 0.3, 0.1, 0.0),
+            (1.0, 0.8, 0.6, 0.4, 0.25),
             _empty,
             "no cells; background kept above the black level",
         ),

@@ -127,6 +127,18 @@ def test_sparse_nuclei_field_is_ok_and_a_field_without_cells_is_empty(real_data,
     assert verdict == ["ok", "ok", "empty"], np.round(p, 2)
 
 
+def test_retraining_the_shipped_head_keeps_its_weight_on_ok(real_data, tiny, head):
+    from napari_cellmae.qc.head import retrain
+    from napari_cellmae.qc.training import image_features
+
+    fields = _hoechst_fields(real_data)
+    x = image_features([f[:256, :256] for f in fields], head.spec, tiny)
+    new = retrain(head, x[:1], ["ok"])  # one field confirmed ok
+    assert new.training["ok_prior"] == head.training["ok_prior"] == 0.85
+    before = (1 - head.predict_proba(x)[:, 0] > 0.5).sum()
+    assert (1 - new.predict_proba(x)[:, 0] > 0.5).sum() <= before  # no new flags elsewhere
+
+
 def test_a_plate_that_is_mostly_one_artefact_says_what_to_check():
     fields = pd.DataFrame(
         {

@@ -484,4 +484,9 @@ def retrain(
         "label_weight": label_weight,
         "note": note,
     }
-    return fit_head(x, y, base.spec, base.encoder, w, C=C, seed=seed, training=training)
+    # the base's class weighting too: a retrained head that dropped the shipped head's weight on
+    # "ok" would flag far more of a plate than the head it came from
+    prior = base.training.get("ok_prior")
+    return fit_head(
+        x, y, base.spec, base.encoder, w, C=C, seed=seed, training=training, ok_prior=prior
+    )

@@ -72,7 +72,8 @@ def _run(plate: Path, out: Path, model, head):
     return run(run_qc(plate, out, model, head))
 
 
-def test_failed_autofocus_plate_keeps_its_sharp_fields_and_says_so(real_data, tmp_path, tiny, head):
+def test_failed_autofocus_plate_keeps_its_sharp_fields_and_says_so(real_data, tmp_path, capsys):
+    from napari_cellmae.cli import main
     from napari_cellmae.qc.artefacts import apply_artefact
 
     fields = _hoechst_fields(real_data)
@@ -85,8 +86,10 @@ def test_failed_autofocus_plate_keeps_its_sharp_fields_and_says_so(real_data, tm
         for i, im in enumerate(fields)
     ]
     wells = _write_ixm(tmp_path / "plate", "AUTOFOCUS", images)
-    result = _run(tmp_path / "plate", tmp_path / "out", tiny, head)
-    f = result["fields"].set_index("Metadata_Well")
+    out = tmp_path / "out"  # the command a user runs: bundled model, shipped head, defaults
+    assert main(["qc", str(tmp_path / "plate"), "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    f = pd.read_parquet(out / "qc_fields.parquet").set_index("Metadata_Well")
     is_blur = np.array([i in blurred for i in range(len(wells))])
     flag = f.loc[wells, "QC_Flag"].to_numpy(bool)
     table = f.loc[wells, ["QC_Class", "QC_Score"]].assign(defocused=is_blur)
@@ -95,10 +98,11 @@ def test_failed_autofocus_plate_keeps_its_sharp_fields_and_says_so(real_data, tm
     assert set(table.loc[flag, "QC_Class"]) == {"blur"}
     score = table["QC_Score"].to_numpy()
     assert score[is_blur].min() > score[~is_blur].max(), table  # QC_Score ROC-AUC 1
-    warning = result["summary"]["warning"].iloc[0]
-    assert f"{100 * flag.sum() / 12:.0f}% of fields out of focus: check the autofocus" in warning
-    record = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert any("out of focus" in w for w in record["warnings"])
+    said = f"{100 * flag.sum() / 12:.0f}% of fields out of focus: check the autofocus"
+    assert f"WARNING AUTOFOCUS: {said}" in printed
+    assert said in pd.read_parquet(out / "qc_summary.parquet")["warning"].iloc[0]
+    record = json.loads((out / "run.json").read_text())
+    assert any(said in w for w in record["warnings"])
 
 
 def test_clean_real_plate_is_not_flagged(real_data, tmp_path, tiny, head):

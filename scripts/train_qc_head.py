@@ -14,8 +14,8 @@ jump-pilot-phenix         3 stains × four 540×540 tiles (Phenix)       16     
 speckles                  2 stains × four 500×600 tiles                12/16  0.65 (*)
 ========================  ===========================================  =====  ==========
 
-(*) not recorded with the images: the recipe's 20× default (0.65 µm), or the JUMP pilot's
-Phenix 20× value. Sparse (ExampleHuman, speckles, raw BBBC022 corners) and dense (transfluor,
+(*) not recorded with the images: assumed, the recipe's 20× default (0.65 µm) or a Phenix 20×
+value for JUMP. Sparse (ExampleHuman, speckles, raw BBBC022 corners) and dense (transfluor,
 JUMP) fields, 8-, 12- and 16-bit, three instruments.
 
 Every image is used (:func:`variants_of`, seeded by its name) as it is (``ok``), thinned to a

@@ -13,6 +13,7 @@ from napari_cellmae.qc.artefacts import (
     defocus_psf,
     exposure,
     kinds_for_class,
+    sparse_field,
 )
 from napari_cellmae.synthetic import make_field
 
@@ -107,3 +108,42 @@ def test_float_images_stay_float_in_unit_range():
     x = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     out = apply_artefact(x, "saturation", 5, seed=0)
     assert out.dtype == np.float32 and out.max() == pytest.approx(1.0)
+
+
+def _cells(image: np.ndarray) -> int:
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    x = image.astype(float)
+    smooth = ndi.gaussian_filter(x, 2)
+    return int(ndi.label(smooth > threshold_otsu(smooth))[1])
+
+
+def test_empty_means_no_cells_and_a_sparse_field_keeps_a_few(real_data):
+    from napari_cellmae.plates import read_image
+
+    path = next((real_data / "bbbc022-raw-imagexpress").glob("IXMtest_A01_s1_*.tif"))
+    dna = read_image(path)[0][:256, :256]
+    n = _cells(dna)
+    assert n >= 10
+    for severity in SEVERITIES:  # every level removes every cell, not just most of them
+        empty = apply_artefact(dna, "empty", severity, seed=1).astype(float)
+        assert empty.max() < dna.min() + 0.2 * (dna.max() - dna.min()), severity
+    sparse = sparse_field(dna, keep=0.0, seed=1, min_cells=4)
+    assert sparse.dtype == dna.dtype and sparse.shape == dna.shape
+    assert 3 <= _cells(sparse) <= 8 < n
+    assert sparse.max() > 0.8 * dna.max()  # the nuclei kept are as bright as they were
+
+
+def test_defocus_follows_the_pixel_size(field):
+    image = field[0]
+    fine = apply_artefact(image, "defocus", 3, seed=0, pixel_um=0.3)
+    coarse = apply_artefact(image, "defocus", 3, seed=0, pixel_um=1.3)
+    assert np.array_equal(
+        apply_artefact(image, "defocus", 3, seed=0),
+        apply_artefact(image, "defocus", 3, seed=0, pixel_um=0.65),
+    )
+    # the same z spreads over more of the smaller pixels: blurrier
+    assert _metric(fine, "PowerLogLogSlope") < _metric(coarse, "PowerLogLogSlope")
+    with pytest.raises(ValueError, match="pixel_um"):
+        apply_artefact(image, "defocus", 3, pixel_um=0)

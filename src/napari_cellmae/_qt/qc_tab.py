@@ -397,10 +397,14 @@ class QCTab(QWidget):
         ]
         per = [p for p in per if not p.endswith(" 0")]
         how = "QC head" if self.result.method == "head" else "classic metrics"
+        warnings = [
+            f"⚠ {r['Metadata_Plate']}: {r['warning']}" for r in s.to_dict("records") if r["warning"]
+        ]
         self.counts.setText(
             f"{flagged} of {n} fields flagged"
             + (f" ({', '.join(per)})" if per else "")
             + f"; {n - flagged} pass — {how}"
+            + "".join(f"\n{w}" for w in warnings)
         )
         self._fill_table()
         self._paint_plate_map()

@@ -224,6 +224,8 @@ def _run_plate(args: argparse.Namespace, scale, part, executor) -> int:
             f"{row['Metadata_Plate']}: {row['n_passing']}/{row['n_fields']} fields pass, "
             f"{row['n_flagged']} flagged" + (f" ({classes})" if classes else "")
         )
+        if row.get("warning"):
+            print(f"WARNING {row['Metadata_Plate']}: {row['warning']}")
     print(f"report: {Path(args.out) / 'qc_fields.csv'}")
     if result["mirror"]:
         m = result["mirror"]

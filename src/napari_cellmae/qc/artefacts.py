@@ -11,7 +11,8 @@ except debris, which is one physical object seen in every channel.
 Recipes (see docs/qc.md):
 
 - ``defocus``: convolution with the scalar defocused PSF of a circular pupil (λ 500 nm, NA 0.5,
-  n 1.0, 0.65 µm pixels; Born & Wolf's defocus integral), defocus z = 2, 4, 7, 12, 20 µm.
+  n 1.0; Born & Wolf's defocus integral) sampled at the data's pixel size (``pixel_um``, default
+  0.65 µm), defocus z = 2, 4, 7, 12, 20 µm.
 - ``gaussian_blur``: Gaussian of σ = 0.25·F px (BBBC005), F = 4, 8, 16, 28, 48.
 - ``saturation``: x′ = min(1, (max(0, x·P − O)·e + O) / P), P = 65535, O = 100, with the exposure
   e chosen so that the image's 99.9th percentile reaches 1.1, 1.6, 2.5, 5, 12 × the ceiling.
@@ -20,8 +21,13 @@ Recipes (see docs/qc.md):
 - ``debris``: bright, out-of-focus irregular blobs (thresholded smooth noise) and fibres (smooth
   random curves), 4–12 × brighter than the cells' bright level; 1, 2, 3, 5, 8 objects of growing
   size.
-- ``empty``: the field's own background (a smooth low-percentile surface plus noise matching the
-  background's) with the cells removed; 30%, 15%, 6%, 2%, 0% of the cells left.
+- ``empty``: no cells at all: the field's own background (a smooth low-percentile surface plus
+  noise matching the background's) with every cell removed, the background's level above the
+  image's black level kept at 100%, 80%, 60%, 40%, 25% (a dimmer or missing stain; not a
+  dark frame, which on an 8-bit camera is a constant image that no metric can tell from a
+  saturated one). *Empty* means no cells, not few cells: :func:`sparse_field` thins a field to a
+  handful of its cells, which is a good ("ok") field, for training heads that must tell the two
+  apart.
 - ``background``: a smooth additive or multiplicative bias field (a random 2-D polynomial of
   degree 2–3 through a sigmoid) of amplitude a = 0.4, 0.8, 1.5, 2.5, 4: additive (a × the cells'
   contrast, the image then rescaled so that its bright level does not move) or multiplicative (the
@@ -129,8 +135,10 @@ def _convolve(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return fftconvolve(padded, kernel, mode="same")[pad : -pad or None, pad : -pad or None]
 
 
-def _defocus(x: np.ndarray, z_um: float, rng: np.random.Generator) -> np.ndarray:
-    return np.clip(_convolve(x, defocus_psf(z_um)), 0, None)
+def _defocus(
+    x: np.ndarray, z_um: float, rng: np.random.Generator, pixel_um: float = PIXEL_UM
+) -> np.ndarray:
+    return np.clip(_convolve(x, defocus_psf(z_um, float(pixel_um))), 0, None)
 
 
 def _gaussian_blur(x: np.ndarray, f: float, rng: np.random.Generator) -> np.ndarray:
@@ -239,20 +247,53 @@ def background_estimate(x: np.ndarray) -> tuple[np.ndarray, float]:
     return surface, noise
 
 
-def _empty(x: np.ndarray, keep: float, rng: np.random.Generator) -> np.ndarray:
+def _cell_mask(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """Labels of the cells (Otsu on a smoothed image, dilated to take in their halo)."""
     from skimage.filters import threshold_otsu
 
-    surface, noise = background_estimate(x)
     smooth = ndi.gaussian_filter(x, 2)
     cut = threshold_otsu(smooth) if smooth.max() > smooth.min() else np.inf
-    labels, n = ndi.label(ndi.binary_dilation(smooth > cut, iterations=6))
+    return ndi.label(ndi.binary_dilation(smooth > cut, iterations=6))
+
+
+def _remove_cells(
+    x: np.ndarray, keep: np.ndarray, labels: np.ndarray, bg: np.ndarray
+) -> np.ndarray:
+    soft = ndi.gaussian_filter(keep[labels].astype(np.float64), 2)
+    return np.clip(soft * x + (1 - soft) * bg, 0, 1)
+
+
+def _empty(x: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    surface, noise = background_estimate(x)
+    black = float(x.min())
+    surface = black + level * (surface - black)
+    labels, n = _cell_mask(x)
+    bg = surface + rng.normal(0.0, noise * max(level, 0.3), x.shape)
+    return _remove_cells(x, np.zeros(n + 1, bool), labels, bg)
+
+
+def sparse_field(
+    image: np.ndarray, keep: float = 0.15, seed: int = 0, min_cells: int = 3
+) -> np.ndarray:
+    """A good field with few cells: ``image`` (H, W, any dtype) with a random ``keep`` fraction
+    of its cells left (at least ``min_cells`` where it has them) and the rest replaced by the
+    field's own background. Not an artefact: sparse wells are ok, only a field with no cells is
+    *empty*; heads are trained on both so that they tell them apart."""
+    arr = np.asarray(image)
+    rng = np.random.default_rng(seed)
+    x = arr.astype(np.float64)
+    if np.issubdtype(arr.dtype, np.integer):
+        x /= float(np.iinfo(arr.dtype).max)
+    labels, n = _cell_mask(x)
     kept = np.zeros(n + 1, bool)
     if n:
-        kept[1:] = rng.random(n) < keep
-    mask = kept[labels]
-    bg = surface + rng.normal(0.0, noise, x.shape)
-    soft = ndi.gaussian_filter(mask.astype(np.float64), 2)
-    return np.clip(soft * x + (1 - soft) * bg, 0, 1)
+        chosen = rng.random(n) < keep
+        if chosen.sum() < min(min_cells, n):
+            chosen[rng.permutation(n)[: min(min_cells, n)]] = True
+        kept[1:] = chosen
+    surface, noise = background_estimate(x)
+    y = _remove_cells(x, kept, labels, surface + rng.normal(0.0, noise, x.shape))
+    return _from_unit(y, arr.dtype)
 
 
 # -- uneven background and vignetting -------------------------------------------------------------
@@ -309,7 +350,13 @@ ARTEFACTS: dict[str, Artefact] = {
         ),
         Artefact("noise", "noise", (120, 50, 20, 8, 3), _noise, "shot + read noise, e⁻ at bright"),
         Artefact("debris", "debris", (1, 2, 3, 5, 8), _debris, "bright blobs and fibres, count"),
-        Artefact("empty", "empty", (0.3, 0.15, 0.06, 0.02, 0.0), _empty, "fraction of cells left"),
+        Artefact(
+            "empty",
+            "empty",
+            (1.0, 0.8, 0.6, 0.4, 0.25),
+            _empty,
+            "no cells; background kept above the black level",
+        ),
         Artefact(
             "background",
             "background",
@@ -351,6 +398,7 @@ def apply_artefact(
     severity: int = 3,
     channels: Sequence[int] | int | None = None,
     seed: int | np.random.SeedSequence = 0,
+    pixel_um: float | None = None,
 ) -> np.ndarray:
     """Apply artefact ``kind`` to some channels of a field.
 
@@ -367,6 +415,9 @@ def apply_artefact(
         Channels to spoil (default: all).
     seed : int or SeedSequence
         Same seed, same artefact.
+    pixel_um : float, optional
+        The data's pixel size in µm, for ``defocus`` (the PSF is sampled at it; default
+        :data:`PIXEL_UM`, 0.65 µm, a 20× objective on a 6.5 µm camera).
 
     Returns
     -------
@@ -377,6 +428,8 @@ def apply_artefact(
         raise ValueError(f"Unknown artefact {kind!r}: use one of {', '.join(ARTEFACTS)}.")
     if int(severity) not in SEVERITIES:
         raise ValueError(f"severity must be one of {SEVERITIES}, got {severity}.")
+    if pixel_um is not None and not 0.01 <= float(pixel_um) <= 20:
+        raise ValueError(f"pixel_um is the pixel size in µm (0.01–20), got {pixel_um}.")
     arr = np.asarray(field)
     squeeze = arr.ndim == 2
     stack = arr[None] if squeeze else arr
@@ -410,6 +463,8 @@ def apply_artefact(
             x /= float(np.iinfo(arr.dtype).max)
         if kind == "debris":
             y = _debris(x, level, rng, density)
+        elif kind == "defocus" and pixel_um is not None:
+            y = _defocus(x, level, rng, pixel_um)
         else:
             y = recipe.func(x, level, rng)
         out[c] = _from_unit(y, arr.dtype)

@@ -10,14 +10,18 @@ Features of one image (one channel of a field):
   the others' features and the worst channel is the one that really is bad; a head learnt on
   1-channel images also serves plates with any number and order of channels, and C separate
   sequences of 1 + 256 tokens cost less attention than one of 1 + 256·C;
-- eleven transforms of the CellProfiler metrics that do not depend on the image's intensity
-  scale (:data:`METRIC_FEATURES`), so 8-bit, 12-bit and 16-bit plates look alike;
-- the same metric transforms and embedding again, minus their median over the image's plate and
-  channel, and PercentMaximal as a robust z-score in the plate ("plate-relative", like the
-  baseline's z-scores and like centring embeddings per batch): an artefact is what stands out
-  from the plate, whatever the stain or instrument. The
-  reference is the plate/channel median over all readable images at QC time (most images are
-  fine), and over the clean originals when training on synthetic artefacts.
+- transforms of the CellProfiler metrics that do not depend on the image's intensity scale
+  (:data:`METRIC_FEATURES`; the head's ``FeatureSpec.metric_features`` picks them), so 8-bit,
+  12-bit and 16-bit plates (and 8-bit data stored in 16 bits) look alike;
+- optionally (``FeatureSpec.relative``) the same metric transforms and embedding again, minus
+  their median over the image's plate and channel, and PercentMaximal as a robust z-score in the
+  plate ("plate-relative", like the baseline's z-scores). The reference is the plate/channel
+  median over all readable images at QC time, which assumes that most of the plate is fine: on a
+  failed-autofocus plate the blurred fields are the norm and the few sharp ones become its
+  outliers. The shipped head therefore does **not** use them (``relative=False``: every image is
+  judged by what it shows alone, and ``cellmae qc`` warns when most of a plate is one artefact,
+  see :func:`napari_cellmae.qc.run.plate_warning`); heads trained on one plate for another
+  encoder (:func:`napari_cellmae.qc.training.train_head_from_plate`) may.
 
 The head is a multinomial logistic regression on standardised features (scikit-learn, seconds
 on a CPU, no sensitive hyper-parameter). It is saved as a small ``.npz`` (no pickle) with the
@@ -385,11 +389,15 @@ def fit_head(
     seed: int = 0,
     training: dict[str, Any] | None = None,
     memory_per_class: int = MEMORY_PER_CLASS,
+    ok_prior: float | None = None,
 ) -> QCHead:
     """Fit a head: class-balanced, standardised multinomial logistic regression.
 
     ``features`` (N, F) raw; ``labels`` class names from :data:`CLASSES`; ``weights`` per-sample
-    weights (multiplied with the class balancing).
+    weights (multiplied with the class balancing). ``ok_prior``: the share of the total weight
+    given to the "ok" class (the artefact classes share the rest equally); None: every class the
+    same. Real plates are mostly good, and a head trained on one synthetic artefact per clean
+    image would otherwise take every unfamiliar clean field for an artefact.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -408,7 +416,13 @@ def fit_head(
         raise ValueError(f"features {x.shape} do not match {len(y_names)} labels × spec.")
     y = np.array([present.index(v) for v in y_names])
     w = np.ones(len(y)) if weights is None else np.asarray(weights, np.float64)
-    class_w = w.sum() / (len(present) * np.bincount(y, weights=w, minlength=len(present)))
+    share = np.full(len(present), 1.0 / len(present))
+    if ok_prior is not None and "ok" in present:
+        if not 0.0 < float(ok_prior) < 1.0:
+            raise ValueError(f"ok_prior is a share of the weight in (0, 1), got {ok_prior}.")
+        share[:] = (1.0 - float(ok_prior)) / (len(present) - 1)
+        share[present.index("ok")] = float(ok_prior)
+    class_w = w.sum() * share / np.bincount(y, weights=w, minlength=len(present))
     w = w * class_w[y]
     mean = x.mean(axis=0)
     scale = x.std(axis=0)
@@ -424,6 +438,8 @@ def fit_head(
     keep = np.concatenate([order[y[order] == k][:memory_per_class] for k in range(len(present))])
     counts = {c: int((y == k).sum()) for k, c in enumerate(present)}
     summary = {"n_samples": len(y), "per_class": counts, "C": C, "seed": seed, **(training or {})}
+    if ok_prior is not None:
+        summary["ok_prior"] = float(ok_prior)
     return QCHead(
         classes=tuple(present),
         spec=spec,
@@ -468,4 +484,9 @@ def retrain(
         "label_weight": label_weight,
         "note": note,
     }
-    return fit_head(x, y, base.spec, base.encoder, w, C=C, seed=seed, training=training)
+    # the base's class weighting too: a retrained head that dropped the shipped head's weight on
+    # "ok" would flag far more of a plate than the head it came from
+    prior = base.training.get("ok_prior")
+    return fit_head(
+        x, y, base.spec, base.encoder, w, C=C, seed=seed, training=training, ok_prior=prior
+    )

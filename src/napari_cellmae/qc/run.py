@@ -361,8 +361,54 @@ def field_verdicts(
     return fields.join(wide, on=keys)
 
 
+# A plate where at least this share of the readable fields has one artefact is a plate problem
+# (the instrument, not a few wells): say so, with what to check.
+MOSTLY_ARTEFACT = 0.5
+PLATE_ADVICE: dict[str, tuple[str, str]] = {
+    "blur": ("out of focus", "check the autofocus (offset, laser/image-based focus, plate type)"),
+    "saturation": ("saturated", "lower the exposure time or gain"),
+    "noise": ("noisy", "check exposure time, gain and the light source"),
+    "empty": ("empty (no cells)", "check cell seeding, dispensing and fixation/washing"),
+    "debris": ("with debris", "check the plate, medium and washing steps"),
+    "background": (
+        "with uneven background",
+        "check the illumination, flat-field correction and medium autofluorescence",
+    ),
+}
+
+
+def plate_warning(counts: dict[str, int], n_readable: int, n_flagged: int) -> str:
+    """The warning for a plate whose fields are mostly artefacts ("" when they are not).
+
+    ``counts``: flagged readable fields per artefact class. One class on at least
+    :data:`MOSTLY_ARTEFACT` of the readable fields names it and what to check ("71% of fields
+    out of focus: check the autofocus …"); several classes that together flag that share give a
+    general warning. The verdicts themselves do not depend on the plate's majority being good
+    (the shipped head judges each image alone), so the few good fields of such a plate still
+    pass; this warning is what tells the user that the plate as a whole went wrong.
+    """
+    if n_readable <= 0:
+        return ""
+    parts = []
+    for cls, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        share = n / n_readable
+        if share >= MOSTLY_ARTEFACT and cls in PLATE_ADVICE:
+            what, advice = PLATE_ADVICE[cls]
+            parts.append(f"{100 * share:.0f}% of fields {what}: {advice}")
+    if parts:
+        return "; ".join(parts) + "."
+    if n_flagged / n_readable >= MOSTLY_ARTEFACT:
+        mix = ", ".join(f"{cls} {n}" for cls, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        return (
+            f"{100 * n_flagged / n_readable:.0f}% of fields flagged ({mix}): most of the plate "
+            "failed; check the acquisition before using it."
+        )
+    return ""
+
+
 def summarize(fields: pd.DataFrame) -> pd.DataFrame:
-    """Per plate: fields, passing, flagged, unreadable and counts per class."""
+    """Per plate: fields, passing, flagged, unreadable, counts per class, and ``warning`` (see
+    :func:`plate_warning`; "" unless most of the plate is artefacts)."""
     import pandas as pd
 
     rows = []
@@ -378,8 +424,17 @@ def summarize(fields: pd.DataFrame) -> pd.DataFrame:
             row[f"n_{cls}"] = int((g["QC_Flag"] & (g["QC_Class"] == cls)).sum())
         row["method"] = g["QC_Method"].iloc[0]
         row["threshold"] = float(g["QC_Threshold"].iloc[0])
+        counts = {cls: row[f"n_{cls}"] for cls in ARTEFACT_CLASSES if row[f"n_{cls}"]}
+        readable = row["n_fields"] - row["n_unreadable"]
+        row["warning"] = plate_warning(counts, readable, row["n_flagged"] - row["n_unreadable"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def plate_warnings(fields: pd.DataFrame) -> list[str]:
+    """ "<plate>: <warning>" for every plate of ``fields`` that is mostly artefacts."""
+    s = summarize(fields)
+    return [f"{r['Metadata_Plate']}: {r['warning']}" for r in s.to_dict("records") if r["warning"]]
 
 
 def write_report(
@@ -397,10 +452,11 @@ def write_report(
     if root:
         _check_outside(out, root, "output folder")
     out = Path(out)
+    summary = summarize(fields)
     paths = {
         "images": write_table_atomic(images, out / "qc_images.parquet", csv_twin=True),
         "fields": write_table_atomic(fields, out / "qc_fields.parquet", csv_twin=True),
-        "summary": write_table_atomic(summarize(fields), out / "qc_summary.parquet", csv_twin=True),
+        "summary": write_table_atomic(summary, out / "qc_summary.parquet", csv_twin=True),
     }
     meta = [c for c in fields.columns if c.startswith("Metadata_")]
     passing = fields[fields["QC_Pass"]]
@@ -428,6 +484,7 @@ def write_report(
         else {"path": head.path, "encoder": head.encoder, "classes": list(head.classes)},
         n_fields=len(fields),
         n_passing=int(fields["QC_Pass"].sum()),
+        warnings=[f"{p}: {w}" for p, w in zip(summary["Metadata_Plate"], summary["warning"]) if w],
         seconds=round(result.seconds, 2),
         **record,
     )

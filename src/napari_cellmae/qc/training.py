@@ -172,17 +172,28 @@ def train_head_from_images(
     return head, x, labels
 
 
+def _field_key(meta: dict, keys: Sequence[str]) -> tuple:
+    return tuple(meta[k].item() if hasattr(meta[k], "item") else meta[k] for k in keys)
+
+
 def sample_plate_images(
-    index: pd.DataFrame, n_fields: int = 12, seed: int = 0
+    index: pd.DataFrame, n_fields: int = 12, seed: int = 0, exclude: Sequence[Sequence] = ()
 ) -> Iterator[tuple[dict, np.ndarray | None, str]]:
-    """Read up to ``n_fields`` random readable fields; yields (metadata, field, error)."""
+    """Read up to ``n_fields`` random readable fields, none of ``exclude`` (field keys, in
+    ``field_keys`` order); yields (metadata, field, error)."""
     from ..plates import iter_fields, list_fields
+    from ..plates.scan import field_keys
 
     fields = list_fields(index)
     fields = fields[fields["complete"]] if "complete" in fields else fields
+    if len(exclude):
+        keys = field_keys(index)
+        skip = {tuple(k) for k in exclude}
+        fields = fields[[_field_key(r, keys) not in skip for r in fields.to_dict("records")]]
     if fields.empty:
         raise ValueError(
-            f"The plate {index.attrs.get('root')} has no complete field to learn from."
+            f"The plate {index.attrs.get('root')} has no complete field to learn from"
+            + (" besides the ones already used." if len(exclude) else ".")
         )
     pick = np.sort(np.random.default_rng(seed).permutation(len(fields))[: int(n_fields)])
     for meta, image, error in iter_fields(index, fields=fields.iloc[pick], prefetch=2):
@@ -204,12 +215,15 @@ def train_head_from_plate(
     """Progress generator: a head for ``model``'s encoder from synthetic artefacts applied to
     the user's own plate (every channel of ``n_fields`` random fields). Returns the head.
 
-    Use it when the head at hand was trained on another encoder (its checksum differs).
+    Use it when the head at hand was trained on another encoder (its checksum differs); before
+    replacing a head that does match, compare both with :func:`compare_heads_on_plate` on
+    other fields of the plate (the fields learnt from are in ``head.training["fields"]``).
     """
     from ..plates import scan_plate
+    from ..plates.scan import field_keys
 
     index = plate if not isinstance(plate, (str, os.PathLike)) else scan_plate(plate, layout)
-    images, groups, skipped = [], [], 0
+    images, groups, used, skipped = [], [], [], 0
     yield Progress(0, None, f"reading {n_fields} fields of the plate")
     for meta, field, error in sample_plate_images(index, n_fields, seed):
         if error:
@@ -217,11 +231,13 @@ def train_head_from_plate(
             continue
         images += list(field)
         groups += [(meta.get("Metadata_Plate"), c) for c in range(len(field))]
+        used.append(list(_field_key(meta, field_keys(index))))
     if not images:
         raise ValueError(f"No readable field in {index.attrs.get('root')}: nothing to learn from.")
     summary = {
         "sources": [f"plate {index.attrs.get('root')}"],
         "n_fields": int(n_fields) - skipped,
+        "fields": used,  # their keys: compare_heads_on_plate judges on the others
         "how": "synthetic artefacts applied to the user's plate (train_head_from_plate)",
     }
     head, _, _ = yield from train_head_from_images(
@@ -236,6 +252,161 @@ def train_head_from_plate(
         training=summary,
     )
     return head
+
+
+def score_head(head: QCHead, features: np.ndarray, labels: Sequence[str], threshold: float = 0.5):
+    """How well ``head`` judges labelled images: a dict with ``balanced_accuracy`` of the flag
+    (1 − P(ok) > ``threshold``; the mean of ``detected`` and 1 − ``clean_flagged``),
+    ``detected`` (artefact images flagged), ``clean_flagged`` (clean images flagged),
+    ``class_accuracy`` (artefact images given their class) and ``n_images``."""
+    y = np.asarray([str(v) for v in labels])
+    p = head.predict_proba(features)
+    flag = 1.0 - p[:, 0] > threshold
+    bad = y != "ok"
+    detected = float(flag[bad].mean()) if bad.any() else float("nan")
+    clean_flagged = float(flag[~bad].mean()) if (~bad).any() else float("nan")
+    called = np.asarray(CLASSES[1:])[p[:, 1:].argmax(axis=1)]
+    return {
+        "balanced_accuracy": float(np.nanmean([detected, 1.0 - clean_flagged])),
+        "detected": detected,
+        "clean_flagged": clean_flagged,
+        "class_accuracy": float((called[bad] == y[bad]).mean()) if bad.any() else float("nan"),
+        "n_images": len(y),
+    }
+
+
+def compare_heads_on_plate(
+    plate: str | os.PathLike | pd.DataFrame,
+    model: Any,
+    heads: dict[str, QCHead | None],
+    *,
+    exclude: Sequence[Sequence] = (),
+    n_fields: int = 8,
+    layout: str = "auto",
+    seed: int = 1,
+    threshold: float = 0.5,
+    batch_size: int | None = None,
+):
+    """Progress generator: judge each head of ``heads`` on synthetic artefacts applied to
+    ``n_fields`` fields of the plate that are not in ``exclude`` (the fields a new head learnt
+    from: ``head.training["fields"]``), every channel once clean and once per artefact recipe
+    (severity 2–5, seed ``seed``, so other draws than in training).
+
+    Returns ``{name: score_head(...) dict, plus "held_out" (bool) and "fields" (n)}``, or
+    ``{name: {"error": why}}`` for a head that cannot read this model's embeddings (or None).
+    When every field was learnt from, the heads are judged on those with new artefact draws
+    (``held_out`` False).
+    """
+    from ..plates import scan_plate
+
+    index = plate if not isinstance(plate, (str, os.PathLike)) else scan_plate(plate, layout)
+    yield Progress(0, None, "reading held-out fields of the plate")
+    held_out = True
+    try:
+        sampled = list(sample_plate_images(index, n_fields, seed, exclude))
+    except ValueError:
+        if not len(exclude):
+            raise
+        held_out, sampled = False, list(sample_plate_images(index, n_fields, seed))
+    images, groups = [], []
+    for meta, field, error in sampled:
+        if not error:
+            images += list(field)
+            groups += [(meta.get("Metadata_Plate"), c) for c in range(len(field))]
+    if not images:
+        raise ValueError(f"No readable field in {index.attrs.get('root')} to judge the heads on.")
+    variants = list(artefact_variants(images, seed=seed))
+    labels = [v.qc_class for v in variants]
+    reference = np.array([v.kind == "none" for v in variants])
+    variant_groups = [groups[v.source] for v in variants]
+    out: dict[str, dict[str, Any]] = {}
+    cache: dict[FeatureSpec, np.ndarray] = {}
+    for name, head in heads.items():
+        if head is None:
+            out[name] = {"error": "no head (classic metrics only)"}
+            continue
+        if not head.matches(model):
+            out[name] = {"error": "trained on another encoder than this model"}
+            continue
+        if head.spec not in cache:
+            yield Progress(0, None, f"measuring {len(variants)} artefact images for {name}")
+            x = absolute_features([v.image for v in variants], head.spec, model, batch_size)
+            cache[head.spec] = with_relative(x, head.spec, variant_groups, reference)
+        score = score_head(head, cache[head.spec], labels, threshold)
+        out[name] = {**score, "held_out": held_out, "fields": len(sampled)}
+    return out
+
+
+def suggest_fields(
+    images: pd.DataFrame,
+    fields: pd.DataFrame,
+    keys: Sequence[str],
+    n: int = 10,
+    threshold: float = 0.5,
+    exclude: Sequence[Sequence] = (),
+) -> pd.DataFrame:
+    """The fields the QC head is least sure about: label these first (active labelling).
+
+    ``images`` / ``fields`` are the judged tables of :func:`napari_cellmae.qc.run.judge` at
+    ``threshold``; ``keys`` the field key columns (``field_keys``); ``exclude`` field keys
+    already labelled. Per image the *margin* is the distance of its score from the threshold
+    (|1 − P(ok) − threshold| for a head, |z − threshold| for the classic rules): the smaller, the
+    closer its verdict is to flipping. A field's margin is its channels' smallest; the
+    *entropy* of the head's class probabilities (normalised to 0–1; the largest over channels)
+    breaks ties. Unreadable fields are left out (nothing to learn from them).
+
+    Returns up to ``n`` field rows, least sure first: the keys, ``QC_Score``, ``QC_Flag``,
+    ``QC_Class``, ``QC_Margin``, ``QC_Entropy`` and ``QC_Suggestion`` (why, in words).
+    """
+    import pandas as pd
+
+    keys = list(keys)
+    ok = (
+        (images["QC_Error"] == "").to_numpy()
+        if "QC_Error" in images
+        else np.ones(len(images), bool)
+    )
+    judged = images[ok & np.isfinite(images["QC_Score"].to_numpy(np.float64))].copy()
+    p_cols = [f"QC_P_{c}" for c in CLASSES if f"QC_P_{c}" in judged]
+    judged["QC_Margin"] = (judged["QC_Score"].astype(np.float64) - threshold).abs()
+    if p_cols:
+        p = np.clip(judged[p_cols].to_numpy(np.float64), 1e-12, 1.0)
+        judged["QC_Entropy"] = -(p * np.log(p)).sum(axis=1) / np.log(len(p_cols))
+    else:
+        judged["QC_Entropy"] = np.nan
+    skip = {tuple(k) for k in exclude}
+    rows = []
+    for key, g in judged.groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        if tuple(key) in skip:
+            continue
+        worst = g.sort_values("QC_Margin", kind="stable").iloc[0]
+        why = f"score {float(worst['QC_Score']):.2f}, threshold {threshold:.2f}"
+        if p_cols:
+            probs = sorted(
+                ((float(worst[c]), c[5:]) for c in p_cols), reverse=True
+            )[:2]  # fmt: skip
+            why += f" ({probs[0][1]} {probs[0][0]:.2f} vs {probs[1][1]} {probs[1][0]:.2f})"
+        if "channel_name" in g and g["channel_name"].nunique() > 1:
+            why += f" in {worst['channel_name']}"
+        rows.append(
+            {
+                **dict(zip(keys, key)),
+                "QC_Margin": float(worst["QC_Margin"]),
+                "QC_Entropy": float(g["QC_Entropy"].max()),
+                "QC_Suggestion": why,
+            }
+        )
+    cols = [*keys, "QC_Margin", "QC_Entropy", "QC_Suggestion"]
+    out = pd.DataFrame(rows, columns=cols)
+    verdict = fields[[*keys, "QC_Score", "QC_Flag", "QC_Class"]]
+    out = out.merge(verdict, on=keys, how="left")
+    out = out.sort_values(
+        ["QC_Margin", "QC_Entropy"], ascending=[True, False], kind="stable", na_position="last"
+    )
+    return out.head(int(n)).reset_index(drop=True)[
+        [*keys, "QC_Score", "QC_Flag", "QC_Class", "QC_Margin", "QC_Entropy", "QC_Suggestion"]
+    ]
 
 
 def read_labels(labels: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:

@@ -448,11 +448,11 @@ def retrain(
     note: str = "",
     context: np.ndarray | None = None,
 ) -> QCHead:
-    """``base`` adjusted to new labelled features: see :func:`napari_cellmae.qc.training.
-    adapt_head` (its own verdicts kept on its memory and on ``context``, the plate's other
-    images; each label weighted from ``label_weight`` up until it holds). ``seed`` is unused
-    (the fit is deterministic)."""
-    from .training import adapt_head
+    """``base`` adjusted to new labelled features: see :func:`napari_cellmae.qc.adapt.adapt_head`
+    (its own verdicts kept on its memory and on ``context``, the plate's other images; each
+    label weighted from ``label_weight`` up until it holds). ``seed`` is unused (the fit is
+    deterministic)."""
+    from .adapt import adapt_head
 
     return adapt_head(
         base, features, labels, context=context, label_weight=label_weight, C=C, note=note

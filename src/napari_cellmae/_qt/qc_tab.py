@@ -179,6 +179,7 @@ class QCTab(QWidget):
         self.head: QCHead | None = None  # the head chosen (default, file, trained, retrained)
         self.base_head: QCHead | None = None  # the head QC ran with: Retrain adjusts this one
         self.candidate: QCHead | None = None  # a trained head kept out because it scored worse
+        self.comparison: dict[str, dict[str, Any]] = {}  # the last Train head from plate's scores
         self.result: QCResult | None = None
         self.images: pd.DataFrame | None = None
         self.fields: pd.DataFrame | None = None
@@ -418,6 +419,7 @@ class QCTab(QWidget):
 
         def trained(out: tuple[QCHead, dict[str, dict[str, Any]]]) -> None:
             new, report = out
+            self.comparison = report
             self.panel.log(f"QC: {describe_comparison(report)}")
             winner = better_head(report)
             if winner == "new" or self.replace_anyway.isChecked():

@@ -19,7 +19,8 @@ SPOILT = {("O03", 2), ("O08", 3), ("O13", 1), ("O19", 1)}
 
 @pytest.fixture(scope="module")
 def measured(real_data, tmp_path_factory):
-    """(QCResult, head) of the transfluor plate copy with 4 spoilt fields (severity 4)."""
+    """(QCResult, shipped head, bundled model) of the transfluor plate copy with 4 spoilt
+    fields (severity 4)."""
     import tifffile
     import torch
 
@@ -47,7 +48,7 @@ def measured(real_data, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     assert result.method == "head"
-    return result, head
+    return result, head, model
 
 
 def _flagged(result, head) -> set[tuple[str, int]]:
@@ -67,7 +68,7 @@ def test_marking_a_false_positive_ok_only_removes_flags(measured):
     from napari_cellmae.qc.head import retrain
     from napari_cellmae.qc.training import train_qc_head
 
-    result, head = measured
+    result, head, _ = measured
     before = _flagged(result, head)
     assert before >= SPOILT  # the premise: the shipped head catches the 4 spoilt fields
     false_pos = sorted(before - SPOILT)
@@ -94,7 +95,7 @@ def test_marking_a_false_positive_ok_only_removes_flags(measured):
 def test_retraining_keeps_what_the_head_knew(measured):
     from napari_cellmae.qc.head import retrain
 
-    result, head = measured
+    result, head, _ = measured
     x = result.features
     p0 = head.predict_proba(x)
     same = retrain(head, x[:0], [])  # no labels: the very same head (a refit moved every verdict)
@@ -108,3 +109,55 @@ def test_retraining_keeps_what_the_head_knew(measured):
     assert new.memory_y[-1] == CLASSES.index("noise")  # kept for the next retraining
     again = retrain(new, x[:0], [])
     assert CLASSES[int(again.predict_proba(x[rows]).argmax())] == "noise"
+
+
+def test_suggested_fields_are_the_least_sure(measured):
+    from napari_cellmae.plates.scan import field_keys
+    from napari_cellmae.qc.run import judge
+    from napari_cellmae.qc.suggest import suggest_fields
+
+    result, _, _ = measured
+    images, fields = judge(result, threshold=0.5)
+    keys = field_keys(result.index)
+    top = suggest_fields(images, fields, keys, n=5, threshold=0.5)
+    margin = (images["QC_Score"] - 0.5).abs().groupby([images[k] for k in keys]).min()
+    expected = margin.sort_values(kind="stable").index[:5]
+    assert [tuple(r) for r in top[keys].itertuples(index=False)] == list(expected)
+    assert top["QC_Margin"].is_monotonic_increasing
+    assert top["QC_Margin"].iloc[0] == pytest.approx(margin.min())
+    assert top["QC_Suggestion"].str.contains("threshold 0.50").all()
+    first = tuple(top[keys].iloc[0])
+    again = suggest_fields(images, fields, keys, n=5, exclude=[first])
+    assert first not in {tuple(r) for r in again[keys].itertuples(index=False)}
+    assert len(suggest_fields(images, fields, keys, n=100)) == len(fields)
+
+
+def test_heads_are_compared_on_other_fields_of_the_plate(measured, real_data):
+    import dataclasses
+
+    import torch
+
+    from napari_cellmae.plates import list_fields, scan_plate
+    from napari_cellmae.plates.scan import field_keys
+    from napari_cellmae.progress import run
+    from napari_cellmae.qc.training import compare_heads_on_plate
+
+    _, head, model = measured
+    index = scan_plate(real_data / "transfluor-plate")
+    keys = field_keys(index)
+    every = [list(r) for r in list_fields(index)[keys].itertuples(index=False)]
+    alarm = dataclasses.replace(head, intercept=head.intercept - 50.0 * (np.arange(7) == 0))
+    heads = {"shipped": head, "flags everything": alarm, "none": None}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is faster on a busy 2-core machine
+    try:
+        report = run(compare_heads_on_plate(index, model, heads, exclude=every[2:], n_fields=4))
+    finally:
+        torch.set_num_threads(threads)
+    assert report["none"] == {"error": "no head (classic metrics only)"}
+    shipped, always = report["shipped"], report["flags everything"]
+    assert shipped["fields"] == 2 and shipped["held_out"]  # only the 2 fields not excluded
+    assert shipped["n_images"] == 2 * 9  # each clean, then with each of the 8 recipes
+    assert always["detected"] == 1.0 and always["clean_flagged"] == 1.0
+    assert always["balanced_accuracy"] == 0.5 < shipped["balanced_accuracy"]
+    assert shipped["detected"] >= 0.75

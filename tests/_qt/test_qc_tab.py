@@ -247,13 +247,12 @@ def test_suggested_fields_open_on_click_and_are_labelled_by_keys(panel, qtbot):
     assert tab.suggest_button.isEnabled()
     keys = tab.suggest(n=4)
     assert not tab.suggestions.isHidden() and tab.suggestions.count() == len(keys) == 4
-    images = tab.images
-    margin = {}
-    for rec in images.to_dict("records"):
-        key = tab._key(rec)
-        margin[key] = min(margin.get(key, 9.0), abs(rec["QC_Score"] - tab.threshold()))
-    assert [margin[k] for k in keys] == sorted(margin[k] for k in keys)  # least sure first
-    assert set(keys) == set(sorted(margin, key=margin.get)[:4])
+    fields = tab.fields
+    margin = {tab._key(r): abs(r["QC_Score"] - tab.threshold()) for r in fields.to_dict("records")}
+    flagged = {tab._key(r) for r in fields.to_dict("records") if r["QC_Flag"]}
+    first_side = [k for k in keys if (k in flagged) == (keys[0] in flagged)]
+    assert [margin[k] for k in first_side] == sorted(margin[k] for k in first_side)
+    assert keys[0] in flagged  # the least sure flagged field first (flagged fields exist)
     item = tab.suggestions.item(0)
     with qtbot.waitSignal(panel.runner.finished, timeout=10_000):
         tab.suggestions.itemClicked.emit(item)  # as a click does

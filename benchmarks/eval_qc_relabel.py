@@ -177,7 +177,7 @@ def train_from_plate(model, head, n_fields: int) -> None:
             f"{r['detected']:.3f}, clean flagged {r['clean_flagged']:.3f}, class accuracy "
             f"{r['class_accuracy']:.3f}; {r['n_images']} images of {r['fields']} fields)"
         )
-    from napari_cellmae._qt.qc_tab import better_head  # the QC tab's rule (imports Qt)
+    from napari_cellmae.qc.training import better_head  # the rule of the QC tab and CLI
 
     keep = better_head(report)
     print(f"the QC tab keeps: {keep} head (train + compare {seconds:.0f} s)")

@@ -264,7 +264,7 @@ def test_suggested_fields_open_on_click_and_are_labelled_by_keys(panel, qtbot):
 
 
 def test_train_head_from_plate_keeps_the_better_head_and_says_so(panel, qtbot):
-    from napari_cellmae._qt.qc_tab import better_head
+    from napari_cellmae.qc.training import better_head
 
     tab = _run(panel, qtbot)
     current = tab.head

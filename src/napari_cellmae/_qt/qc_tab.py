@@ -93,35 +93,6 @@ def _train_task(panel: MainPanel, plate: Any, n_fields: int, layout: str, curren
     return new, report
 
 
-def better_head(report: dict[str, dict[str, Any]]) -> str:
-    """ "new" or "current": the head with the higher held-out balanced accuracy (a tie keeps the
-    current one; a current head that cannot judge this model's plate loses)."""
-    cur, new = report.get("current", {}), report.get("new", {})
-    if "balanced_accuracy" not in cur:
-        return "new"
-    if new.get("balanced_accuracy", -1.0) > cur["balanced_accuracy"]:
-        return "new"
-    return "current"
-
-
-def describe_comparison(report: dict[str, dict[str, Any]]) -> str:
-    """One line per head: held-out balanced accuracy, artefacts detected, clean flagged."""
-    parts = []
-    for name, r in report.items():
-        if "error" in r:
-            parts.append(f"{name} head: not comparable ({r['error']})")
-            continue
-        parts.append(
-            f"{name} head {r['balanced_accuracy']:.2f} (artefacts detected "
-            f"{100 * r['detected']:.0f}%, clean flagged {100 * r['clean_flagged']:.0f}%)"
-        )
-    some = next((r for r in report.values() if "n_images" in r), {})
-    where = f"{some.get('n_images')} synthetic artefact images of {some.get('fields')} fields " + (
-        "it did not learn from" if some.get("held_out") else "(no other field: the same ones)"
-    )
-    return f"held-out accuracy on {where}: " + "; ".join(parts)
-
-
 def _retrain_task(
     result: QCResult,
     head: QCHead | None,
@@ -418,6 +389,8 @@ class QCTab(QWidget):
         changed = []
 
         def trained(out: tuple[QCHead, dict[str, dict[str, Any]]]) -> None:
+            from ..qc.training import better_head, describe_comparison
+
             new, report = out
             self.comparison = report
             self.panel.log(f"QC: {describe_comparison(report)}")

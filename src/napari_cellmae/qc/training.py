@@ -333,6 +333,37 @@ def compare_heads_on_plate(
     return out
 
 
+def better_head(report: dict[str, dict[str, Any]]) -> str:
+    """Which head to keep, ``"new"`` or ``"current"``, from a :func:`compare_heads_on_plate`
+    report: the higher held-out balanced accuracy (a tie keeps the current one; a current head
+    that cannot judge this model's embeddings loses)."""
+    cur, new = report.get("current", {}), report.get("new", {})
+    if "balanced_accuracy" not in cur:
+        return "new"
+    if new.get("balanced_accuracy", -1.0) > cur["balanced_accuracy"]:
+        return "new"
+    return "current"
+
+
+def describe_comparison(report: dict[str, dict[str, Any]]) -> str:
+    """The comparison in words: per head, held-out balanced accuracy, artefacts detected and
+    clean images flagged."""
+    parts = []
+    for name, r in report.items():
+        if "error" in r:
+            parts.append(f"{name} head: not comparable ({r['error']})")
+            continue
+        parts.append(
+            f"{name} head {r['balanced_accuracy']:.2f} (artefacts detected "
+            f"{100 * r['detected']:.0f}%, clean flagged {100 * r['clean_flagged']:.0f}%)"
+        )
+    some = next((r for r in report.values() if "n_images" in r), {})
+    where = f"{some.get('n_images')} synthetic artefact images of {some.get('fields')} fields " + (
+        "it did not learn from" if some.get("held_out") else "(no other field: the same ones)"
+    )
+    return f"held-out accuracy on {where}: " + "; ".join(parts)
+
+
 def read_labels(labels: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     """A labels table: columns ``path`` and ``class`` (or ``label``), optional ``channel`` (plane
     index of a multi-page file) and ``plate`` (images of one plate and channel are compared with

@@ -234,10 +234,10 @@ def test_keyboard_labelling_steps_through_flagged_fields(panel, qtbot):
         for r in range(tab.table.rowCount())
     }
     assert shown[flagged[0]] == "ok" and shown[flagged[1]] == "debris"
-    tab.slider.setValue(50)
     _run(panel, qtbot, "retrain_button", timeout=20_000)  # the key labels train the head
     assert tab.head.training["new_labels"] == {"ok": 2, "debris": 1}  # ok: both channels
-    assert not _flagged(tab)[flagged[0][-2:]]  # labelled ok: passes now
+    assert not _flagged(tab)[flagged[0][-2:]]  # labelled ok: passes now, at the threshold in use
+    assert tab.fields["QC_Threshold"].iloc[0] == 0.02
 
 
 def test_suggested_fields_open_on_click_and_are_labelled_by_keys(panel, qtbot):

@@ -99,8 +99,10 @@ def _retrain_task(
     x: np.ndarray,
     labels: list[str],
     context: np.ndarray | None,
+    threshold: float | None,
 ):
-    from ..qc.head import fit_head, retrain, spec_for
+    from ..qc.adapt import adapt_head
+    from ..qc.head import fit_head, spec_for
 
     yield Progress(0, 1, f"retraining on {len(labels)} labelled images")
     if head is None:  # classic mode: a metrics-only head from the labels alone
@@ -108,7 +110,9 @@ def _retrain_task(
         new = fit_head(x, labels, spec, None, training={"how": "labels clicked in napari"})
         features = metrics_only_features(result)
     else:  # the head that ran QC, adjusted to every label; the plate's other images anchor it
-        new = retrain(head, x, labels, note="labels clicked in napari", context=context)
+        new = adapt_head(
+            head, x, labels, context=context, threshold=threshold, note="labels clicked in napari"
+        )
         features = result.features
     yield Progress(1, 1, "retrained")
     return new, features
@@ -856,6 +860,7 @@ class QCTab(QWidget):
             x,
             labels,
             context,
+            self.threshold() if self.result.method == "head" else None,
             description="retrain QC head",
             on_result=done,
         )

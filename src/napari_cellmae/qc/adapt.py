@@ -51,6 +51,7 @@ def adapt_head(
     label_weight: float = 1.0,
     C: float | None = None,
     honour: float = HONOUR_P,
+    threshold: float | None = None,
     note: str = "",
 ) -> QCHead:
     """``base`` adjusted to new labels without letting a handful of them overturn what it knew.
@@ -71,6 +72,9 @@ def adapt_head(
     - each label starts at weight ``label_weight`` (1 = one image of the memory) and, as long as
       the adjusted head gives it less than ``honour`` probability, its weight is quadrupled
       (up to :data:`MAX_LABEL_ROUNDS` times): the smallest change that makes each label hold.
+      With ``threshold`` (the flag threshold on 1 − P(ok) in use), a label must also hold there
+      with a margin of 0.05: an *ok* field passes, an artefact is flagged (targets capped at
+      0.99).
 
     ``features`` (N, F) raw features of the labelled images; ``labels`` their classes (one of
     :data:`~napari_cellmae.qc.head.CLASSES`; a class the base head lacks is added). The new
@@ -113,6 +117,11 @@ def adapt_head(
     z_lab = standardise(x_new)
     y_lab = np.array([classes.index(c) for c in labels], dtype=int)
     onehot = np.eye(k_cls)[y_lab]
+    target = np.full(len(labels), float(honour))
+    if threshold is not None:  # hold at the threshold in use too
+        need = np.where(y_lab == classes.index("ok") if "ok" in classes else False,
+                        1.0 - threshold, threshold) + 0.05  # fmt: skip
+        target = np.minimum(np.maximum(target, need), 0.99)
     c_prior = float(C if C is not None else base.training.get("C") or DEFAULT_C)
     lam = 1.0 / c_prior
 
@@ -155,7 +164,7 @@ def adapt_head(
             ).x  # fmt: skip
             w, b = theta[: k_cls * n_feat].reshape(k_cls, n_feat), theta[k_cls * n_feat :]
             p_label = _softmax(z_lab @ w.T + b)[np.arange(len(labels)), y_lab]
-            short = p_label < honour
+            short = p_label < target
             if not short.any() or rounds == MAX_LABEL_ROUNDS:
                 break
             weights = np.where(short, weights * 4.0, weights)
@@ -180,6 +189,7 @@ def adapt_head(
         "how": "adjusted to labels (adapt_head): base verdicts kept on memory and context",
         "new_labels": counts,
         "label_weights": [round(float(v), 3) for v in weights],
+        "label_targets": [round(float(v), 3) for v in target],
         "labels_not_honoured": int(short.sum()),
         "n_context": n_context,
         "rounds": rounds,

@@ -163,6 +163,7 @@ class QCTab(QWidget):
         self._highlight: str | None = None
         self._queue: list[tuple] = []  # the fields the keys step through (table or suggestions)
         self._pos = -1
+        self._from_suggestions = False  # else the queue is the table's flagged fields, as shown
         self.current_key: tuple | None = None  # the field open now (the keys label it)
         self._pending: dict[str, Any] | None = None  # a field to open when the runner is free
         self._hooked = False
@@ -446,6 +447,7 @@ class QCTab(QWidget):
         self.labels = {}
         self._keys = field_keys(result.index)
         self._queue, self._pos, self.current_key = [], -1, None
+        self._from_suggestions = False
         self.suggestions.clear()
         self.suggestions.setVisible(False)
         if result.head is not None:
@@ -586,7 +588,7 @@ class QCTab(QWidget):
         key = tuple(self.table.item(next(iter(rows)), 0).data(KEY_ROLE))
         if key == self.current_key:  # the table was refilled around the open field
             return
-        self._queue = self.table_keys(flagged=True)
+        self._queue, self._from_suggestions = self.table_keys(flagged=True), False
         self._pos = self._queue.index(key) if key in self._queue else -1
         self.open_key(key)
 
@@ -703,7 +705,11 @@ class QCTab(QWidget):
             return None
         self.labels[key] = label
         self._set_label_cell(key, label)
-        self.panel.log(f"QC: {key[-2]} site {key[-1]} marked {label}; press Retrain when done")
+        where = dict(zip(self._keys, key))
+        self.panel.log(
+            f"QC: {where.get('Metadata_Well')} site {where.get('Metadata_Site')} marked {label}; "
+            "press Retrain when done"
+        )
         if advance:
             self.step(+1)
         return key
@@ -720,10 +726,8 @@ class QCTab(QWidget):
         the table's order."""
         if self.fields is None:
             return None
-        if not self._queue:
+        if not self._from_suggestions:  # the flagged fields as the table shows them now
             self._queue = self.table_keys(flagged=True)
-            if self.current_key in self._queue:
-                self._pos = self._queue.index(self.current_key)
         if not self._queue:
             self.panel.log("QC: no flagged field to step through")
             return None
@@ -783,7 +787,7 @@ class QCTab(QWidget):
             self.suggestions.addItem(item)
             keys.append(key)
         self.suggestions.setVisible(True)
-        self._queue, self._pos = list(keys), -1
+        self._queue, self._pos, self._from_suggestions = list(keys), -1, True
         self.panel.log(
             f"QC: {len(keys)} field(s) to label first (least sure first); click one, or press "
             f"{qc_keys.current_key('next_field')} to open them in turn"
@@ -795,7 +799,7 @@ class QCTab(QWidget):
             tuple(self.suggestions.item(i).data(KEY_ROLE)) for i in range(self.suggestions.count())
         ]
         key = tuple(item.data(KEY_ROLE))
-        self._pos = self._queue.index(key)
+        self._pos, self._from_suggestions = self._queue.index(key), True
         self.open_key(key)
 
     def labelled_images(self) -> tuple[np.ndarray, list[str], list[int]]:

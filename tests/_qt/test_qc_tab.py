@@ -243,6 +243,8 @@ def test_keyboard_labelling_steps_through_flagged_fields(panel, qtbot):
 def test_suggested_fields_open_on_click_and_are_labelled_by_keys(panel, qtbot):
     from qtpy.QtCore import Qt
 
+    from napari_cellmae._qt.qc_tab import KEY_ROLE
+
     tab = _run(panel, qtbot)
     assert tab.suggest_button.isEnabled()
     keys = tab.suggest(n=4)
@@ -261,6 +263,9 @@ def test_suggested_fields_open_on_click_and_are_labelled_by_keys(panel, qtbot):
     _press(panel, qtbot, tab.suggestions, Qt.Key.Key_K)  # ok, then the next suggestion opens
     assert tab.labels == {keys[0]: "ok"} and tab.current_key == keys[1]
     assert keys[0] not in tab.suggest(n=4)  # labelled fields are not suggested again
+    _run(panel, qtbot, "retrain_button", timeout=20_000)
+    shown = [tab.suggestions.item(i).data(KEY_ROLE) for i in range(tab.suggestions.count())]
+    assert len(shown) == 4 and keys[0] not in map(tuple, shown)  # the new head's suggestions
 
 
 def test_train_head_from_plate_keeps_the_better_head_and_says_so(panel, qtbot):

@@ -856,6 +856,8 @@ class QCTab(QWidget):
             self.set_head(new)
             self.rejudge()
             self.panel.log(f"QC: retrained on {len(labels)} labelled images; {self.counts.text()}")
+            if not self.suggestions.isHidden():  # what the new head is least sure about
+                self.suggest(self.suggestions.count() or 10)
 
         return self.panel.runner.start(
             _retrain_task,

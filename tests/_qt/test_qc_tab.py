@@ -175,3 +175,122 @@ def test_the_qc_widget_alone_opens_fields_from_the_plate_map(make_napari_viewer,
     with qtbot.waitSignal(widget.runner.finished, timeout=10_000):
         layer.selected_data = {0}
     assert {"w1", "w2"} <= {lyr.name for lyr in viewer.layers}
+
+
+def _press(panel, qtbot, widget, key):
+    """Press ``key`` (a Qt key code or a character) in ``widget``; wait until the field it
+    opens is shown."""
+    with qtbot.waitSignal(panel.runner.finished, timeout=10_000):
+        qtbot.keyClick(widget, key)
+
+
+def _open_field(panel):
+    layer = next(lyr for lyr in panel.viewer.layers if "cellmae_field" in lyr.metadata)
+    meta = layer.metadata["cellmae_field"]
+    return meta["Metadata_Well"], int(meta["Metadata_Site"])
+
+
+def test_keyboard_labelling_steps_through_flagged_fields(panel, qtbot):
+    from napari._qt.widgets.qt_keyboard_settings import ShortcutEditor
+    from napari.utils.action_manager import action_manager
+    from qtpy.QtCore import Qt
+
+    from napari_cellmae._qt import qc_keys
+    from napari_cellmae._qt.qc_tab import KEY_ROLE
+
+    tab = _run(panel, qtbot)
+    tab.slider.setValue(2)  # a low threshold: several flagged fields to step through
+    qtbot.waitUntil(lambda: tab.fields["QC_Threshold"].iloc[0] == 0.02, timeout=2000)
+    flagged = tab.table_keys(flagged=True)
+    assert len(flagged) >= 3
+    # registered with napari: listed in its shortcut preferences, bound to the shown keys
+    editor = ShortcutEditor()
+    viewer_actions = editor.key_bindings_strs[editor.VIEWER_KEYBINDINGS]
+    assert {"napari-cellmae:qc_next_field", "napari-cellmae:qc_label_blur"} <= set(viewer_actions)
+    assert [str(k) for k in action_manager._shortcuts["napari-cellmae:qc_label_ok"]] == ["K"]
+    assert "K ok" in tab.keys_label.text() and ". / , next / previous field" in (
+        tab.keys_label.text()
+    )
+    assert qc_keys.tab_for(panel.viewer) is tab
+
+    canvas = panel.viewer.window._qt_viewer.canvas.native  # keys pressed on napari's canvas
+    canvas.setFocus()
+    _press(panel, qtbot, canvas, Qt.Key.Key_Period)  # opens the first flagged field
+    assert tab.current_key == flagged[0]
+    assert _open_field(panel) == flagged[0][-2:]
+    _press(panel, qtbot, canvas, Qt.Key.Key_K)  # ok, then the next one opens
+    assert tab.labels == {flagged[0]: "ok"}
+    assert tab.current_key == flagged[1] and _open_field(panel) == flagged[1][-2:]
+    _press(panel, qtbot, canvas, Qt.Key.Key_F)  # blur
+    assert tab.labels[flagged[1]] == "blur" and tab.current_key == flagged[2]
+    _press(panel, qtbot, canvas, Qt.Key.Key_Comma)  # back
+    assert tab.current_key == flagged[1] and _open_field(panel) == flagged[1][-2:]
+
+    tab.table.setFocus()  # the same keys with the focus on the table
+    _press(panel, qtbot, tab.table, "d")
+    assert tab.labels[flagged[1]] == "debris" and tab.current_key == flagged[2]
+    shown = {
+        tuple(tab.table.item(r, 0).data(KEY_ROLE)): tab.table.item(r, 7).text()
+        for r in range(tab.table.rowCount())
+    }
+    assert shown[flagged[0]] == "ok" and shown[flagged[1]] == "debris"
+    _run(panel, qtbot, "retrain_button", timeout=20_000)  # the key labels train the head
+    assert tab.head.training["new_labels"] == {"ok": 2, "debris": 1}  # ok: both channels
+    assert not _flagged(tab)[flagged[0][-2:]]  # labelled ok: passes now, at the threshold in use
+    assert tab.fields["QC_Threshold"].iloc[0] == 0.02
+
+
+def test_suggested_fields_open_on_click_and_are_labelled_by_keys(panel, qtbot):
+    from qtpy.QtCore import Qt
+
+    from napari_cellmae._qt.qc_tab import KEY_ROLE
+
+    tab = _run(panel, qtbot)
+    assert tab.suggest_button.isEnabled()
+    keys = tab.suggest(n=4)
+    assert not tab.suggestions.isHidden() and tab.suggestions.count() == len(keys) == 4
+    fields = tab.fields
+    margin = {tab._key(r): abs(r["QC_Score"] - tab.threshold()) for r in fields.to_dict("records")}
+    flagged = {tab._key(r) for r in fields.to_dict("records") if r["QC_Flag"]}
+    first_side = [k for k in keys if (k in flagged) == (keys[0] in flagged)]
+    assert [margin[k] for k in first_side] == sorted(margin[k] for k in first_side)
+    assert keys[0] in flagged  # the least sure flagged field first (flagged fields exist)
+    item = tab.suggestions.item(0)
+    with qtbot.waitSignal(panel.runner.finished, timeout=10_000):
+        tab.suggestions.itemClicked.emit(item)  # as a click does
+    assert tab.current_key == keys[0] and _open_field(panel) == keys[0][-2:]
+    tab.suggestions.setFocus()
+    _press(panel, qtbot, tab.suggestions, Qt.Key.Key_K)  # ok, then the next suggestion opens
+    assert tab.labels == {keys[0]: "ok"} and tab.current_key == keys[1]
+    assert keys[0] not in tab.suggest(n=4)  # labelled fields are not suggested again
+    _run(panel, qtbot, "retrain_button", timeout=20_000)
+    shown = [tab.suggestions.item(i).data(KEY_ROLE) for i in range(tab.suggestions.count())]
+    assert len(shown) == 4 and keys[0] not in map(tuple, shown)  # the new head's suggestions
+
+
+def test_train_head_from_plate_keeps_the_better_head_and_says_so(panel, qtbot):
+    from napari_cellmae.qc.training import better_head
+
+    tab = _run(panel, qtbot)
+    current = tab.head
+    assert current.matches(panel.get_model())
+    tab.n_fields.setValue(2)
+    with qtbot.waitSignal(panel.runner.finished, timeout=120_000):
+        tab.train_button.click()
+    qtbot.waitUntil(lambda: not panel.runner.busy, timeout=120_000)
+    report = tab.comparison
+    assert set(report) == {"current", "new"}
+    for scores in report.values():
+        assert 0 <= scores["balanced_accuracy"] <= 1 and scores["held_out"]
+        assert scores["fields"] == 4  # the 6 fields minus the 2 it learnt from
+    log = panel.log_view.toPlainText()
+    assert "held-out accuracy on" in log and "current head" in log and "new head" in log
+    if better_head(report) == "current":
+        assert tab.head is current and "kept the current head" in log
+        assert not tab.use_candidate_button.isHidden()
+        with qtbot.waitSignal(panel.runner.finished, timeout=60_000):
+            tab.use_candidate_button.click()  # the user insists
+        assert tab.head is not current and tab.result.head is tab.head
+        assert "using the trained head, as asked" in panel.log_view.toPlainText()
+    else:
+        assert tab.head is not current and "using the new head (it scores better)" in log

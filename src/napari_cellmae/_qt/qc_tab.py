@@ -9,8 +9,17 @@
   any column. Clicking a row opens the field with the offending channel highlighted (the other
   channels dimmed). The plate map is coloured by ``QC_Score`` (its ``features`` gain the QC
   columns), a heatmap of the plate.
-- **Mark selected as** labels fields (``ok``: every channel; an artefact: the offending channel);
-  **Retrain** refits the head from its memory plus these labels in seconds and re-judges the plate.
+- **Mark selected as** labels fields (``ok``: every channel; an artefact: the offending channel),
+  or, faster, the keys of :mod:`.qc_keys` (next / previous field, one key per class: the open
+  field is labelled and the next one opens). **Retrain** adjusts the head that ran QC to all the
+  labels (:func:`napari_cellmae.qc.adapt.adapt_head`: its verdicts on the plate's other fields
+  are kept unless the labels need them to change) and re-judges the plate.
+- **Suggest fields to label** lists the fields the head is least sure about
+  (:func:`napari_cellmae.qc.suggest.suggest_fields`); clicking one opens it, the keys step
+  through the list.
+- **Train head from plate** trains a head for the panel's model on synthetic artefacts of a few
+  fields, then judges it and the head in use on artefacts of other fields of the plate and keeps
+  the better one (unless *replace even if worse* is ticked), saying so in the log.
 - The threshold slider re-judges at once and shows the counts. **Export…** writes the report,
   passing lists and (optionally) a mirror of the passing images.
 """
@@ -30,6 +39,8 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QListWidget,
+    QListWidgetItem,
     QPushButton,
     QSlider,
     QSpinBox,
@@ -41,6 +52,7 @@ from qtpy.QtWidgets import (
 
 from ..progress import Progress
 from ..qc.baseline import DEFAULT_Z
+from . import qc_keys
 from .load_tab import read_field_task
 from .main_panel import MainPanel
 
@@ -67,24 +79,41 @@ def _measure_task(panel: MainPanel, plate: Any, head: QCHead | None, use_model: 
     return (yield from measure_plate(plate, model, head, layout=layout))
 
 
-def _train_task(panel: MainPanel, plate: Any, n_fields: int, layout: str):
-    from ..qc.training import train_head_from_plate
+def _train_task(panel: MainPanel, plate: Any, n_fields: int, layout: str, current: QCHead | None):
+    """Train a head on the plate, then judge it and ``current`` on other fields of the plate:
+    returns (new head, {"current": scores, "new": scores})."""
+    from ..qc.training import compare_heads_on_plate, train_head_from_plate
 
     yield Progress(0, None, "loading the model")
     model = panel.get_model()
-    return (yield from train_head_from_plate(plate, model, n_fields=n_fields, layout=layout))
+    new = yield from train_head_from_plate(plate, model, n_fields=n_fields, layout=layout)
+    heads = {"current": current, "new": new}
+    report = yield from compare_heads_on_plate(
+        plate, model, heads, exclude=new.training.get("fields", ()), layout=layout
+    )
+    return new, report
 
 
-def _retrain_task(result: QCResult, head: QCHead | None, x: np.ndarray, labels: list[str]):
-    from ..qc.head import fit_head, retrain, spec_for
+def _retrain_task(
+    result: QCResult,
+    head: QCHead | None,
+    x: np.ndarray,
+    labels: list[str],
+    context: np.ndarray | None,
+    threshold: float | None,
+):
+    from ..qc.adapt import adapt_head
+    from ..qc.head import fit_head, spec_for
 
     yield Progress(0, 1, f"retraining on {len(labels)} labelled images")
     if head is None:  # classic mode: a metrics-only head from the labels alone
         spec = spec_for(None, scale=result.scale)
         new = fit_head(x, labels, spec, None, training={"how": "labels clicked in napari"})
         features = metrics_only_features(result)
-    else:
-        new = retrain(head, x, labels, note="labels clicked in napari")
+    else:  # the head that ran QC, adjusted to every label; the plate's other images anchor it
+        new = adapt_head(
+            head, x, labels, context=context, threshold=threshold, note="labels clicked in napari"
+        )
         features = result.features
     yield Progress(1, 1, "retrained")
     return new, features
@@ -126,12 +155,21 @@ class QCTab(QWidget):
         self.panel = panel
         self.viewer: napari.Viewer = panel.viewer
         self.head: QCHead | None = None  # the head chosen (default, file, trained, retrained)
+        self.base_head: QCHead | None = None  # the head QC ran with: Retrain adjusts this one
+        self.candidate: QCHead | None = None  # a trained head kept out because it scored worse
+        self.comparison: dict[str, dict[str, Any]] = {}  # the last Train head from plate's scores
         self.result: QCResult | None = None
         self.images: pd.DataFrame | None = None
         self.fields: pd.DataFrame | None = None
         self.labels: dict[tuple, str] = {}
         self._keys: list[str] = []
         self._highlight: str | None = None
+        self._queue: list[tuple] = []  # the fields the keys step through (table or suggestions)
+        self._pos = -1
+        self._from_suggestions = False  # else the queue is the table's flagged fields, as shown
+        self.current_key: tuple | None = None  # the field open now (the keys label it)
+        self._pending: dict[str, Any] | None = None  # a field to open when the runner is free
+        self._hooked = False
 
         self.path_edit = QLineEdit()
         self.path_edit.setPlaceholderText("plate folder (default: the plate of a Load tab, if any)")
@@ -151,6 +189,13 @@ class QCTab(QWidget):
         self.n_fields.setRange(1, 200)
         self.n_fields.setValue(12)
         self.n_fields.setToolTip("Fields of the plate that 'Train head from plate' learns from")
+        self.replace_anyway = QCheckBox("replace even if worse")
+        self.replace_anyway.setToolTip(
+            "Use the head trained from the plate even when it scores below the head in use on "
+            "artefacts of other fields of the plate"
+        )
+        self.use_candidate_button = QPushButton("Use the trained head anyway")
+        self.use_candidate_button.setVisible(False)
         self.notice = QLabel("")
         self.notice.setWordWrap(True)
         self.notice.setStyleSheet(NOTICE_STYLE)
@@ -174,12 +219,23 @@ class QCTab(QWidget):
         self.label_combo.addItems(CLASSES)
         self.mark_button = QPushButton("Mark selected as")
         self.retrain_button = QPushButton("Retrain")
+        self.suggest_button = QPushButton("Suggest fields to label")
+        self.suggest_button.setToolTip(
+            "The fields the head is least sure about (score nearest the threshold): labelling "
+            "these first fixes the most"
+        )
+        self.suggestions = QListWidget()
+        self.suggestions.setMaximumHeight(120)
+        self.suggestions.setVisible(False)
+        self.keys_label = QLabel("")
+        self.keys_label.setWordWrap(True)
         self.save_head_button = QPushButton("Save head…")
         self.export_button = QPushButton("Export…")
         self.mirror_check = QCheckBox("mirror passing images")
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(("hard", "symlink", "copy"))
-        for b in (self.retrain_button, self.save_head_button, self.export_button):
+        needs_result = (self.retrain_button, self.export_button, self.suggest_button)
+        for b in (*needs_result, self.save_head_button):
             b.setEnabled(False)
         self._rejudge_timer = QTimer(self)
         self._rejudge_timer.setSingleShot(True)
@@ -201,7 +257,9 @@ class QCTab(QWidget):
         row.addWidget(self.train_button)
         row.addWidget(QLabel("fields"))
         row.addWidget(self.n_fields)
+        row.addWidget(self.replace_anyway)
         layout.addLayout(row)
+        layout.addWidget(self.use_candidate_button)
         layout.addWidget(self.notice)
         row = QHBoxLayout()
         row.addWidget(QLabel("Threshold"))
@@ -212,11 +270,17 @@ class QCTab(QWidget):
         layout.addWidget(self.flagged_only)
         layout.addWidget(self.table, 1)
         row = QHBoxLayout()
+        row.addWidget(self.suggest_button)
+        row.addStretch(1)
+        layout.addLayout(row)
+        layout.addWidget(self.suggestions)
+        row = QHBoxLayout()
         row.addWidget(self.mark_button)
         row.addWidget(self.label_combo)
         row.addWidget(self.retrain_button)
         row.addWidget(self.save_head_button)
         layout.addLayout(row)
+        layout.addWidget(self.keys_label)
         row = QHBoxLayout()
         row.addWidget(self.export_button)
         row.addWidget(self.mirror_check)
@@ -233,6 +297,13 @@ class QCTab(QWidget):
         self.table.itemSelectionChanged.connect(self._row_selected)
         self.mark_button.clicked.connect(self.mark_selected)
         self.retrain_button.clicked.connect(self.retrain)
+        self.suggest_button.clicked.connect(self.suggest)
+        self.suggestions.itemClicked.connect(self._suggestion_clicked)
+        self.use_candidate_button.clicked.connect(self.use_candidate)
+        for view in (self.table, self.suggestions):  # the keys also work with focus there
+            view.installEventFilter(self)
+        qc_keys.register(self)
+        self.keys_label.setText(qc_keys.legend())
         self.save_head_button.clicked.connect(self._save_head)
         self.export_button.clicked.connect(self._export_clicked)
         load = panel.tabs.get("Load")
@@ -318,16 +389,36 @@ class QCTab(QWidget):
         )
 
     def train_from_plate(self) -> Any:
-        """Train a head for the panel's model from artefacts on this plate, then re-run QC."""
+        """Train a head for the panel's model from artefacts on this plate; compare it with the
+        head in use on other fields of the plate; keep the better one (or the new one when
+        *replace even if worse* is ticked) and say so; re-run QC when the head changed."""
         if not self._ready():
             return None
+        changed = []
 
-        def trained(head: QCHead) -> None:
-            self.set_head(head)
-            self.panel.log(f"QC: {head.describe()}; running QC with it")
+        def trained(out: tuple[QCHead, dict[str, dict[str, Any]]]) -> None:
+            from ..qc.training import better_head, describe_comparison
+
+            new, report = out
+            self.comparison = report
+            self.panel.log(f"QC: {describe_comparison(report)}")
+            winner = better_head(report)
+            if winner == "new" or self.replace_anyway.isChecked():
+                why = "it scores better" if winner == "new" else "as asked, though it scores worse"
+                self.set_head(new)
+                self.candidate = None
+                changed.append(True)
+                self.panel.log(f"QC: using the new head ({why}); running QC with it")
+            else:
+                self.candidate = new
+                self.panel.log(
+                    "QC: kept the current head (it scores at least as well); tick 'replace "
+                    "even if worse' and train again, or press 'Use the trained head anyway'"
+                )
+            self.use_candidate_button.setVisible(self.candidate is not None)
 
         def finished(state: str) -> None:  # the runner is free again only now
-            if state == "done":
+            if state == "done" and changed:
                 self.run()
 
         return self.panel.runner.start(
@@ -336,10 +427,21 @@ class QCTab(QWidget):
             self.plate_source(),
             self.n_fields.value(),
             self._layout(),
+            self.head,
             description="train QC head",
             on_result=trained,
             on_finished=finished,
         )
+
+    def use_candidate(self) -> Any:
+        """Use the head trained from the plate that was kept out, and re-run QC with it."""
+        if self.candidate is None:
+            return None
+        self.set_head(self.candidate)
+        self.candidate = None
+        self.use_candidate_button.setVisible(False)
+        self.panel.log("QC: using the trained head, as asked; running QC with it")
+        return self.run()
 
     def set_result(self, result: QCResult) -> None:
         from ..plates.scan import field_keys
@@ -347,8 +449,13 @@ class QCTab(QWidget):
         self.result = result
         self.labels = {}
         self._keys = field_keys(result.index)
+        self._queue, self._pos, self.current_key = [], -1, None
+        self._from_suggestions = False
+        self.suggestions.clear()
+        self.suggestions.setVisible(False)
         if result.head is not None:
             self.head = result.head
+        self.base_head = result.head
         self.notice.setText(result.notice)
         self.notice.setVisible(bool(result.notice))
         head_mode = result.method == "head"
@@ -358,6 +465,7 @@ class QCTab(QWidget):
         self._show_threshold()
         self.retrain_button.setEnabled(True)
         self.export_button.setEnabled(True)
+        self.suggest_button.setEnabled(True)
         self.rejudge()
         self.panel.log(f"QC: {self.counts.text()}")
 
@@ -490,16 +598,75 @@ class QCTab(QWidget):
         rows = {i.row() for i in self.table.selectedItems()}
         if len(rows) != 1 or self.fields is None:
             return
-        key = self.table.item(next(iter(rows)), 0).data(KEY_ROLE)
-        match = self.fields[[self._key(r) == tuple(key) for r in self.fields.to_dict("records")]]
-        if not match.empty:
-            self.open_field(match.iloc[0].to_dict())
+        key = tuple(self.table.item(next(iter(rows)), 0).data(KEY_ROLE))
+        if key == self.current_key:  # the table was refilled around the open field
+            return
+        self._queue, self._from_suggestions = self.table_keys(flagged=True), False
+        self._pos = self._queue.index(key) if key in self._queue else -1
+        self.open_key(key)
+
+    def table_keys(self, flagged: bool = False) -> list[tuple]:
+        """The fields in the table's order (only the flagged ones with ``flagged``)."""
+        keys = []
+        for r in range(self.table.rowCount()):
+            key = tuple(self.table.item(r, 0).data(KEY_ROLE))
+            if not flagged or self._flag(key):
+                keys.append(key)
+        return keys
+
+    def _flag(self, key: tuple) -> bool:
+        assert self.fields is not None
+        rec = self._record(key)
+        return bool(rec is not None and rec["QC_Flag"])
+
+    def _record(self, key: tuple) -> dict[str, Any] | None:
+        if self.fields is None:
+            return None
+        hit = [r for r in self.fields.to_dict("records") if self._key(r) == tuple(key)]
+        return hit[0] if hit else None
+
+    def open_key(self, key: tuple) -> Any:
+        """Open the field with key ``key`` (now, or as soon as the runner is free)."""
+        rec = self._record(key)
+        if rec is None:
+            return None
+        self.current_key = tuple(key)
+        self._select_row(self.current_key)
+        if self.panel.runner.busy:  # a field still loading: open this one next
+            if self._pending is None and not self._hooked:
+                self.panel.runner.finished.connect(self._runner_free)  # the panel's, made last
+                self._hooked = True
+            self._pending = rec
+            return None
+        return self.open_field(rec)
+
+    def _select_row(self, key: tuple) -> None:
+        for r in range(self.table.rowCount()):
+            if tuple(self.table.item(r, 0).data(KEY_ROLE)) == key:
+                if self.table.selectionModel().isRowSelected(r, self.table.rootIndex()):
+                    return
+                self.table.blockSignals(True)
+                self.table.selectRow(r)
+                self.table.blockSignals(False)
+                self.table.scrollToItem(self.table.item(r, 0))
+                return
+        self.table.clearSelection()
+
+    def _runner_free(self, *_: Any) -> None:
+        if self._pending is not None:  # after the finished task's own follow-up has started
+            QTimer.singleShot(0, self._open_pending)
+
+    def _open_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and self.current_key == self._key(pending):
+            self.open_field(pending)  # does nothing if another task took the runner
 
     def open_field(self, rec: dict[str, Any]) -> Any:
         """Read the field of ``rec`` and show it, the offending channel highlighted."""
         if self.result is None or self.panel.runner.busy:
             return None
         meta = {k: (rec[k].item() if hasattr(rec[k], "item") else rec[k]) for k in self._keys}
+        self.current_key = self._key(meta)
         self._highlight = str(rec.get("QC_Channel") or "") or None
         return self.panel.runner.start(
             read_field_task,
@@ -542,9 +709,116 @@ class QCTab(QWidget):
         self.panel.log(f"QC: {len(keys)} field(s) marked {label}; press Retrain")
         return len(keys)
 
-    def labelled_images(self) -> tuple[np.ndarray, list[str]]:
-        """Rows of features and classes from the field labels: "ok" labels every channel of the
-        field, an artefact its offending channel (the worst one)."""
+    def label_current(self, label: str, advance: bool = True) -> tuple | None:
+        """Label the open field ``label`` (what the class keys do), then open the next field of
+        the list the keys step through. Returns the labelled field's key."""
+        key = self.current_key
+        if key is None or self.result is None:
+            self.panel.log("QC: open a field first (click a row, or press the next-field key)")
+            return None
+        self.labels[key] = label
+        self._set_label_cell(key, label)
+        where = dict(zip(self._keys, key))
+        self.panel.log(
+            f"QC: {where.get('Metadata_Well')} site {where.get('Metadata_Site')} marked {label}; "
+            "press Retrain when done"
+        )
+        if advance:
+            self.step(+1)
+        return key
+
+    def _set_label_cell(self, key: tuple, label: str) -> None:
+        column = COLUMNS.index("Label")
+        for r in range(self.table.rowCount()):
+            if tuple(self.table.item(r, 0).data(KEY_ROLE)) == key:
+                self.table.item(r, column).setData(Qt.ItemDataRole.DisplayRole, label)
+
+    def step(self, delta: int) -> tuple | None:
+        """Open the next (``delta`` +1) or previous (−1) field of the list the keys step
+        through: the suggestions when a suggestion was clicked last, else the flagged fields in
+        the table's order."""
+        if self.fields is None:
+            return None
+        if not self._from_suggestions:  # the flagged fields as the table shows them now
+            self._queue = self.table_keys(flagged=True)
+        if not self._queue:
+            self.panel.log("QC: no flagged field to step through")
+            return None
+        if self.current_key in self._queue:
+            self._pos = self._queue.index(self.current_key)
+        pos = self._pos + delta
+        if not 0 <= pos < len(self._queue):
+            self.panel.log("QC: " + ("last" if delta > 0 else "first") + " field of the list")
+            return None
+        self._pos = pos
+        self.open_key(self._queue[pos])
+        return self._queue[pos]
+
+    def key_action(self, what: str) -> None:
+        """A QC key was pressed: ``next_field``, ``previous_field`` or a class name."""
+        if what == "next_field":
+            self.step(+1)
+        elif what == "previous_field":
+            self.step(-1)
+        else:
+            self.label_current(what)
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:  # Qt's name
+        """The QC keys with the focus on the table or the suggestion list (plain keys only)."""
+        from qtpy.QtCore import QEvent
+
+        if (
+            event.type() == QEvent.Type.KeyPress
+            and event.text()
+            and not (event.modifiers() & ~Qt.KeyboardModifier.KeypadModifier)
+        ):
+            what = qc_keys.what_for_key(event.text())
+            if what is not None and self.result is not None:
+                self.key_action(what)
+                return True
+        return super().eventFilter(obj, event)
+
+    def suggest(self, n: int = 10) -> list[tuple]:
+        """List the ``n`` unlabelled fields the head is least sure about; returns their keys."""
+        from ..qc.suggest import suggest_fields
+
+        if self.result is None or self.images is None or self.fields is None:
+            return []
+        table = suggest_fields(
+            self.images, self.fields, self._keys, n, self.threshold(), exclude=list(self.labels)
+        )
+        self.suggestions.clear()
+        keys = []
+        for rec in table.to_dict("records"):
+            key = self._key(rec)
+            verdict = rec["QC_Class"] if rec["QC_Flag"] else "passes"
+            item = QListWidgetItem(
+                f"{rec['Metadata_Well']} site {rec['Metadata_Site']} — {verdict}: "
+                f"{rec['QC_Suggestion']}"
+            )
+            item.setData(KEY_ROLE, key)
+            self.suggestions.addItem(item)
+            keys.append(key)
+        self.suggestions.setVisible(True)
+        self._queue, self._pos, self._from_suggestions = list(keys), -1, True
+        self.panel.log(
+            f"QC: {len(keys)} field(s) to label first (least sure first); click one, or press "
+            f"{qc_keys.current_key('next_field')} to open them in turn"
+        )
+        return keys
+
+    def _suggestion_clicked(self, item: QListWidgetItem) -> None:
+        self._queue = [
+            tuple(self.suggestions.item(i).data(KEY_ROLE)) for i in range(self.suggestions.count())
+        ]
+        key = tuple(item.data(KEY_ROLE))
+        self._pos, self._from_suggestions = self._queue.index(key), True
+        self.open_key(key)
+
+    def labelled_images(self) -> tuple[np.ndarray, list[str], list[int]]:
+        """Features, classes and row numbers (in ``result.images``) of the labelled images:
+        "ok" labels every channel of the field, an artefact its offending channel (the worst
+        one)."""
         assert self.result is not None and self.images is not None and self.fields is not None
         images = self.images
         if self.result.features is not None and self.result.head is not None:
@@ -562,7 +836,7 @@ class QCTab(QWidget):
             if label == "ok" or rec["channel_name"] == offending:
                 rows.append(i)
                 labels.append(label)
-        return features[rows], labels
+        return features[rows], labels, rows
 
     def _worst_channel(self, key: tuple) -> str:
         assert self.images is not None
@@ -577,8 +851,13 @@ class QCTab(QWidget):
         if self.panel.runner.busy:
             self.panel.log("QC: another task is running; wait or press Cancel")
             return None
-        x, labels = self.labelled_images()
-        head = self.result.head
+        x, labels, rows = self.labelled_images()
+        head = self.base_head  # adjusted to all the labels at once (not a retrained head again)
+        context = None
+        if head is not None and self.result.features is not None:  # the plate's other images
+            others = np.ones(len(self.result.features), bool)
+            others[rows] = False
+            context = self.result.features[others]
 
         def done(out: tuple[QCHead, np.ndarray]) -> None:
             new, features = out
@@ -590,6 +869,8 @@ class QCTab(QWidget):
             self.set_head(new)
             self.rejudge()
             self.panel.log(f"QC: retrained on {len(labels)} labelled images; {self.counts.text()}")
+            if not self.suggestions.isHidden():  # what the new head is least sure about
+                self.suggest(self.suggestions.count() or 10)
 
         return self.panel.runner.start(
             _retrain_task,
@@ -597,6 +878,8 @@ class QCTab(QWidget):
             head,
             x,
             labels,
+            context,
+            self.threshold() if self.result.method == "head" else None,
             description="retrain QC head",
             on_result=done,
         )

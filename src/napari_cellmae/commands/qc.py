@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from ._options import add_batch_size, add_device, add_layout, add_model
 from ._progress import progress_bar
@@ -82,6 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     train.add_argument(
         "--n-fields", type=int, default=12, help="fields sampled by --train-from-plate (12)"
+    )
+    train.add_argument(
+        "--replace-head",
+        action="store_true",
+        help="with --train-from-plate: use the new head even when the head in use (--head, or "
+        "the shipped one) scores better on artefacts of other fields of the plate",
     )
     train.add_argument(
         "--train-labels",
@@ -176,6 +183,7 @@ def _run_plate(args: argparse.Namespace, scale, part, executor) -> int:
             print(f"{head.describe()}\nwrote {args.save_head}")
         if not args.out:
             return 0
+        head = _keep_better_head(args, model, head)
     elif not args.classic_only:
         head = QCHead.load(args.head)
         if head.spec.uses_encoder:
@@ -231,3 +239,36 @@ def _run_plate(args: argparse.Namespace, scale, part, executor) -> int:
         m = result["mirror"]
         print(f"mirror: {m['files']} files of passing fields in {m['folder']} ({m['mode']})")
     return 0
+
+
+def _keep_better_head(args: argparse.Namespace, model: Any, new: Any) -> Any:
+    """The head QC runs with after --train-from-plate: the new one, unless the head in use
+    (--head, or the shipped one) reads this model and scores better on artefacts of other
+    fields of the plate (--replace-head insists on the new one)."""
+    from ..progress import run as drive
+    from ..qc.head import QCHead
+    from ..qc.training import better_head, compare_heads_on_plate, describe_comparison
+
+    try:
+        current = QCHead.load(args.head)
+    except (FileNotFoundError, ValueError):
+        return new
+    if not current.matches(model):
+        return new
+    report = drive(
+        compare_heads_on_plate(
+            args.plate,
+            model,
+            {"current": current, "new": new},
+            exclude=new.training.get("fields", ()),
+            layout=args.layout,
+            batch_size=args.batch_size,
+        )
+    )
+    print(describe_comparison(report))
+    winner = better_head(report)
+    if winner == "new" or args.replace_head:
+        print("QC uses the new head" + ("" if winner == "new" else " (--replace-head)"))
+        return new
+    print("QC uses the current head (it scores at least as well; --replace-head to insist)")
+    return current

@@ -4,13 +4,16 @@ transfer-learned QC head on the frozen encoder's embeddings.
 >>> from napari_cellmae.qc import apply_artefact, load_head, run_qc, train_qc_head  # doctest: +SKIP
 """
 
+from .adapt import adapt_head
 from .artefacts import ARTEFACTS, QC_CLASSES, SEVERITIES, apply_artefact
 from .baseline import RULES, baseline_flags
 from .head import CLASSES, DEFAULT_HEAD, FeatureSpec, QCHead, load_head
 from .metrics import measure, measure_field, metric_names
 from .run import LINK_MODES, QCResult, judge, measure_plate, mirror_passing, run_qc, write_report
+from .suggest import suggest_fields
 from .training import (
     artefact_variants,
+    compare_heads_on_plate,
     train_head_from_images,
     train_head_from_plate,
     train_qc_head,
@@ -27,9 +30,11 @@ __all__ = [
     "FeatureSpec",
     "QCHead",
     "QCResult",
+    "adapt_head",
     "apply_artefact",
     "artefact_variants",
     "baseline_flags",
+    "compare_heads_on_plate",
     "judge",
     "load_head",
     "measure",
@@ -38,6 +43,7 @@ __all__ = [
     "metric_names",
     "mirror_passing",
     "run_qc",
+    "suggest_fields",
     "train_head_from_images",
     "train_head_from_plate",
     "train_qc_head",

@@ -458,35 +458,18 @@ def retrain(
     base: QCHead,
     features: np.ndarray,
     labels: Sequence[str],
-    label_weight: float = LABEL_WEIGHT,
-    C: float = DEFAULT_C,
+    label_weight: float = 1.0,
+    C: float | None = None,
     seed: int = 0,
     note: str = "",
+    context: np.ndarray | None = None,
 ) -> QCHead:
-    """A new head from ``base``'s memory plus new labelled features (weighted ``label_weight``)."""
-    x_new = np.asarray(features, np.float64).reshape(len(labels), -1)
-    if x_new.shape[1] != base.spec.n_features:
-        raise ValueError(
-            f"New features have {x_new.shape[1]} columns; the base head expects "
-            f"{base.spec.n_features}: compute them with the same encoder and feature spec."
-        )
-    if base.memory_x is not None and base.memory_y is not None and len(base.memory_y):
-        x = np.concatenate([base.memory_x.astype(np.float64), x_new])
-        y = [CLASSES[int(k)] for k in base.memory_y] + [str(v) for v in labels]
-        w = np.concatenate([np.ones(len(base.memory_y)), np.full(len(labels), label_weight)])
-    else:
-        x, y, w = x_new, [str(v) for v in labels], np.ones(len(labels))
-    counts = {c: int(sum(v == c for v in labels)) for c in CLASSES if c in labels}
-    training = {
-        **{k: v for k, v in base.training.items() if k in ("sources", "base_sources")},
-        "retrained_from": base.path or base.training.get("name", "a head"),
-        "new_labels": counts,
-        "label_weight": label_weight,
-        "note": note,
-    }
-    # the base's class weighting too: a retrained head that dropped the shipped head's weight on
-    # "ok" would flag far more of a plate than the head it came from
-    prior = base.training.get("ok_prior")
-    return fit_head(
-        x, y, base.spec, base.encoder, w, C=C, seed=seed, training=training, ok_prior=prior
+    """``base`` adjusted to new labelled features: see :func:`napari_cellmae.qc.adapt.adapt_head`
+    (its own verdicts kept on its memory and on ``context``, the plate's other images; each
+    label weighted from ``label_weight`` up until it holds). ``seed`` is unused (the fit is
+    deterministic)."""
+    from .adapt import adapt_head
+
+    return adapt_head(
+        base, features, labels, context=context, label_weight=label_weight, C=C, note=note
     )

@@ -7,6 +7,12 @@
   measure and embed those variants and fit a head (minutes on a CPU for OpenPhenom).
 - :func:`train_qc_head`: (re)train from a small labelled set — a CSV of image -> class, or
   labels clicked in napari with the features the QC run already computed.
+- :func:`adapt_head`: what retraining from labels does (``retrain``, the QC tab's **Retrain**):
+  the base head moved just far enough that each label holds, while it keeps its own verdicts on
+  its training memory and on the plate's other images (see its docstring).
+- :func:`suggest_fields`: the fields the head is least sure about, to label first.
+- :func:`compare_heads`: held-out accuracy of two heads on a plate's own synthetic artefacts
+  (what **Train head from plate** shows before replacing the head in use).
 """
 
 from __future__ import annotations
@@ -23,14 +29,12 @@ from .artefacts import ARTEFACTS, SEVERITIES, apply_artefact
 from .head import (
     CLASSES,
     DEFAULT_C,
-    LABEL_WEIGHT,
     FeatureSpec,
     QCHead,
     embed_images,
     encoder_info,
     fit_head,
     metric_features,
-    retrain,
     spec_for,
     with_relative,
 )
@@ -164,17 +168,28 @@ def train_head_from_images(
     return head, x, labels
 
 
+def _field_key(meta: dict, keys: Sequence[str]) -> tuple:
+    return tuple(meta[k].item() if hasattr(meta[k], "item") else meta[k] for k in keys)
+
+
 def sample_plate_images(
-    index: pd.DataFrame, n_fields: int = 12, seed: int = 0
+    index: pd.DataFrame, n_fields: int = 12, seed: int = 0, exclude: Sequence[Sequence] = ()
 ) -> Iterator[tuple[dict, np.ndarray | None, str]]:
-    """Read up to ``n_fields`` random readable fields; yields (metadata, field, error)."""
+    """Read up to ``n_fields`` random readable fields, none of ``exclude`` (field keys, in
+    ``field_keys`` order); yields (metadata, field, error)."""
     from ..plates import iter_fields, list_fields
+    from ..plates.scan import field_keys
 
     fields = list_fields(index)
     fields = fields[fields["complete"]] if "complete" in fields else fields
+    if len(exclude):
+        keys = field_keys(index)
+        skip = {tuple(k) for k in exclude}
+        fields = fields[[_field_key(r, keys) not in skip for r in fields.to_dict("records")]]
     if fields.empty:
         raise ValueError(
-            f"The plate {index.attrs.get('root')} has no complete field to learn from."
+            f"The plate {index.attrs.get('root')} has no complete field to learn from"
+            + (" besides the ones already used." if len(exclude) else ".")
         )
     pick = np.sort(np.random.default_rng(seed).permutation(len(fields))[: int(n_fields)])
     for meta, image, error in iter_fields(index, fields=fields.iloc[pick], prefetch=2):
@@ -196,12 +211,15 @@ def train_head_from_plate(
     """Progress generator: a head for ``model``'s encoder from synthetic artefacts applied to
     the user's own plate (every channel of ``n_fields`` random fields). Returns the head.
 
-    Use it when the head at hand was trained on another encoder (its checksum differs).
+    Use it when the head at hand was trained on another encoder (its checksum differs); before
+    replacing a head that does match, compare both with :func:`compare_heads_on_plate` on
+    other fields of the plate (the fields learnt from are in ``head.training["fields"]``).
     """
     from ..plates import scan_plate
+    from ..plates.scan import field_keys
 
     index = plate if not isinstance(plate, (str, os.PathLike)) else scan_plate(plate, layout)
-    images, groups, skipped = [], [], 0
+    images, groups, used, skipped = [], [], [], 0
     yield Progress(0, None, f"reading {n_fields} fields of the plate")
     for meta, field, error in sample_plate_images(index, n_fields, seed):
         if error:
@@ -209,11 +227,13 @@ def train_head_from_plate(
             continue
         images += list(field)
         groups += [(meta.get("Metadata_Plate"), c) for c in range(len(field))]
+        used.append(list(_field_key(meta, field_keys(index))))
     if not images:
         raise ValueError(f"No readable field in {index.attrs.get('root')}: nothing to learn from.")
     summary = {
         "sources": [f"plate {index.attrs.get('root')}"],
         "n_fields": int(n_fields) - skipped,
+        "fields": used,  # their keys: compare_heads_on_plate judges on the others
         "how": "synthetic artefacts applied to the user's plate (train_head_from_plate)",
     }
     head, _, _ = yield from train_head_from_images(
@@ -228,6 +248,120 @@ def train_head_from_plate(
         training=summary,
     )
     return head
+
+
+def score_head(head: QCHead, features: np.ndarray, labels: Sequence[str], threshold: float = 0.5):
+    """How well ``head`` judges labelled images: a dict with ``balanced_accuracy`` of the flag
+    (1 − P(ok) > ``threshold``; the mean of ``detected`` and 1 − ``clean_flagged``),
+    ``detected`` (artefact images flagged), ``clean_flagged`` (clean images flagged),
+    ``class_accuracy`` (artefact images given their class) and ``n_images``."""
+    y = np.asarray([str(v) for v in labels])
+    p = head.predict_proba(features)
+    flag = 1.0 - p[:, 0] > threshold
+    bad = y != "ok"
+    detected = float(flag[bad].mean()) if bad.any() else float("nan")
+    clean_flagged = float(flag[~bad].mean()) if (~bad).any() else float("nan")
+    called = np.asarray(CLASSES[1:])[p[:, 1:].argmax(axis=1)]
+    return {
+        "balanced_accuracy": float(np.nanmean([detected, 1.0 - clean_flagged])),
+        "detected": detected,
+        "clean_flagged": clean_flagged,
+        "class_accuracy": float((called[bad] == y[bad]).mean()) if bad.any() else float("nan"),
+        "n_images": len(y),
+    }
+
+
+def compare_heads_on_plate(
+    plate: str | os.PathLike | pd.DataFrame,
+    model: Any,
+    heads: dict[str, QCHead | None],
+    *,
+    exclude: Sequence[Sequence] = (),
+    n_fields: int = 8,
+    layout: str = "auto",
+    seed: int = 1,
+    threshold: float = 0.5,
+    batch_size: int | None = None,
+):
+    """Progress generator: judge each head of ``heads`` on synthetic artefacts applied to
+    ``n_fields`` fields of the plate that are not in ``exclude`` (the fields a new head learnt
+    from: ``head.training["fields"]``), every channel once clean and once per artefact recipe
+    (severity 2–5, seed ``seed``, so other draws than in training).
+
+    Returns ``{name: score_head(...) dict, plus "held_out" (bool) and "fields" (n)}``, or
+    ``{name: {"error": why}}`` for a head that cannot read this model's embeddings (or None).
+    When every field was learnt from, the heads are judged on those with new artefact draws
+    (``held_out`` False).
+    """
+    from ..plates import scan_plate
+
+    index = plate if not isinstance(plate, (str, os.PathLike)) else scan_plate(plate, layout)
+    yield Progress(0, None, "reading held-out fields of the plate")
+    held_out = True
+    try:
+        sampled = list(sample_plate_images(index, n_fields, seed, exclude))
+    except ValueError:
+        if not len(exclude):
+            raise
+        held_out, sampled = False, list(sample_plate_images(index, n_fields, seed))
+    images, groups = [], []
+    for meta, field, error in sampled:
+        if not error:
+            images += list(field)
+            groups += [(meta.get("Metadata_Plate"), c) for c in range(len(field))]
+    if not images:
+        raise ValueError(f"No readable field in {index.attrs.get('root')} to judge the heads on.")
+    variants = list(artefact_variants(images, seed=seed))
+    labels = [v.qc_class for v in variants]
+    reference = np.array([v.kind == "none" for v in variants])
+    variant_groups = [groups[v.source] for v in variants]
+    out: dict[str, dict[str, Any]] = {}
+    cache: dict[FeatureSpec, np.ndarray] = {}
+    for name, head in heads.items():
+        if head is None:
+            out[name] = {"error": "no head (classic metrics only)"}
+            continue
+        if not head.matches(model):
+            out[name] = {"error": "trained on another encoder than this model"}
+            continue
+        if head.spec not in cache:
+            yield Progress(0, None, f"measuring {len(variants)} artefact images for {name}")
+            x = absolute_features([v.image for v in variants], head.spec, model, batch_size)
+            cache[head.spec] = with_relative(x, head.spec, variant_groups, reference)
+        score = score_head(head, cache[head.spec], labels, threshold)
+        out[name] = {**score, "held_out": held_out, "fields": len(sampled)}
+    return out
+
+
+def better_head(report: dict[str, dict[str, Any]]) -> str:
+    """Which head to keep, ``"new"`` or ``"current"``, from a :func:`compare_heads_on_plate`
+    report: the higher held-out balanced accuracy (a tie keeps the current one; a current head
+    that cannot judge this model's embeddings loses)."""
+    cur, new = report.get("current", {}), report.get("new", {})
+    if "balanced_accuracy" not in cur:
+        return "new"
+    if new.get("balanced_accuracy", -1.0) > cur["balanced_accuracy"]:
+        return "new"
+    return "current"
+
+
+def describe_comparison(report: dict[str, dict[str, Any]]) -> str:
+    """The comparison in words: per head, held-out balanced accuracy, artefacts detected and
+    clean images flagged."""
+    parts = []
+    for name, r in report.items():
+        if "error" in r:
+            parts.append(f"{name} head: not comparable ({r['error']})")
+            continue
+        parts.append(
+            f"{name} head {r['balanced_accuracy']:.2f} (artefacts detected "
+            f"{100 * r['detected']:.0f}%, clean flagged {100 * r['clean_flagged']:.0f}%)"
+        )
+    some = next((r for r in report.values() if "n_images" in r), {})
+    where = f"{some.get('n_images')} synthetic artefact images of {some.get('fields')} fields " + (
+        "it did not learn from" if some.get("held_out") else "(no other field: the same ones)"
+    )
+    return f"held-out accuracy on {where}: " + "; ".join(parts)
 
 
 def read_labels(labels: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
@@ -285,7 +419,7 @@ def train_qc_head(
     *,
     base: QCHead | str | os.PathLike | None = None,
     features: np.ndarray | None = None,
-    label_weight: float = LABEL_WEIGHT,
+    label_weight: float = 1.0,
     C: float = DEFAULT_C,
     seed: int = 0,
     batch_size: int | None = None,
@@ -301,8 +435,9 @@ def train_qc_head(
         The frozen encoder (a loaded model or a source for :func:`napari_cellmae.load_model`).
         Needed when the head uses embeddings; None with no ``base`` trains a metrics-only head.
     base : QCHead or path, optional
-        Start from this head: keep its feature spec and training memory and add the new labels
-        (weighted ``label_weight``), so classes not labelled now are still known.
+        Start from this head and adjust it to the labels (:func:`adapt_head`: its verdicts on
+        its training memory are kept, each label weighted from ``label_weight`` up until it
+        holds), so what it knew about other images and classes stays.
     features : ndarray, optional
         (N, F) features of the labelled images, as computed by the QC run (skips reading).
 
@@ -339,6 +474,8 @@ def train_qc_head(
     if not classes:
         raise ValueError("No labels given: label at least one image.")
     if base is not None:
-        return retrain(base, x, classes, label_weight=label_weight, C=C, seed=seed)
+        from .adapt import adapt_head
+
+        return adapt_head(base, x, classes, label_weight=label_weight)
     encoder = encoder_info(model) if spec.uses_encoder else None
     return fit_head(x, classes, spec, encoder, C=C, seed=seed, training={"how": "labels"})

@@ -245,3 +245,19 @@ def test_a_rerun_removes_stale_part_files_but_not_live_ones(plate, tmp_path, tes
         tmp.write_bytes(b"being written")
         assert clean_stale_parts(qc) == [] and tmp.exists()
     assert (qc / "big.parquet").read_bytes() == b"being written"
+
+
+def test_folders_made_before_the_marker_existed_still_resume(tmp_path):
+    from napari_cellmae.outputs import OutputFolderError, check_output_dir
+    from napari_cellmae.store import run_record
+
+    old = tmp_path / "emb"  # an embedding folder of an earlier version: a run record, no marker
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(run_record(model_checksum="abc", pooling="mean")))
+    assert check_output_dir(old, "embed") == old
+    with pytest.raises(OutputFolderError, match="made by `cellmae embed`"):
+        check_output_dir(old, "profile")
+    empty = tmp_path / "empty"  # what a file browser leaves behind does not make a folder used
+    empty.mkdir()
+    (empty / ".DS_Store").write_bytes(b"\0")
+    assert check_output_dir(empty, "qc") == empty

@@ -76,8 +76,11 @@ def _marker_command(out: Path) -> str | None:
     return None
 
 
-def _visible_entries(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir())
+_OS_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # what file browsers leave in any folder
+
+
+def _entries(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name not in _OS_FILES)
 
 
 def check_output_dir(
@@ -119,7 +122,7 @@ def check_output_dir(
         return path
     made_by = _marker_command(path)
     if made_by is None:
-        entries = _visible_entries(path)
+        entries = _entries(path)
         if entries:
             shown = ", ".join(entries[:5]) + (" …" if len(entries) > 5 else "")
             raise OutputFolderError(

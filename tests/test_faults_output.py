@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -261,3 +262,22 @@ def test_folders_made_before_the_marker_existed_still_resume(tmp_path):
     empty.mkdir()
     (empty / ".DS_Store").write_bytes(b"\0")
     assert check_output_dir(empty, "qc") == empty
+
+
+def test_reconstruct_of_a_single_tiff_writes_beside_it_only_into_a_new_folder(
+    tmp_path, test_model_dir, capsys
+):
+    import tifffile
+
+    images = tmp_path / "images"
+    images.mkdir()
+    field = images / "field.tif"
+    pixels = np.random.default_rng(0).integers(0, 4000, (3, 256, 256), np.uint16)
+    tifffile.imwrite(field, pixels, photometric="minisblack")
+    model = ["--model", str(test_model_dir), "--device", "cpu"]
+    before = tree(images)
+    assert main(["reconstruct", str(field), "--out", str(images), *model]) == 2
+    assert "not empty" in capsys.readouterr().err and tree(images) == before
+    assert main(["reconstruct", str(field), "--out", str(images / "recon"), *model]) == 0
+    assert (images / "recon" / "field_run.json").is_file()
+    assert written(before, tree(images)) <= {p for p in tree(images) if p.startswith("recon")}

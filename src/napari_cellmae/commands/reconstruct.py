@@ -141,7 +141,7 @@ def load_input(args: argparse.Namespace) -> dict[str, Any]:
         "channels": None,
         "input": {"path": str(path.resolve())},
         "stem": _safe(path.name.split(".")[0]),
-        "folder": str(path.parent),  # outputs never land beside the input image
+        "folder": str(path),  # not a plate: only the file itself is an input
     }
 
 
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     from ..outputs import check_output_dir
 
     field = load_input(args)
-    what = "plate folder" if "plate_folder" in field["input"] else "input image's folder"
+    what = "plate folder" if "plate_folder" in field["input"] else "input image"
     guard = {"inputs": [field["folder"]], "force": args.force, "what": what}
     check_output_dir(args.out, "reconstruct", **guard)  # before the model runs
     image, names = field["image"], field["channel_names"]

@@ -35,6 +35,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
     The temporary file keeps ``path``'s suffix (or ``suffix``) so libraries that pick a format by
     extension still work. On error the temporary file is removed and ``path`` is left as it was.
+    The temporary file is held under an exclusive ``flock`` until it is renamed, so that
+    :func:`part_is_stale` tells a killed writer's leftover from a file being written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,7 +44,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         prefix=f".{path.name}.", suffix=(suffix or path.suffix) + ".part", dir=path.parent
     )
     if fcntl is not None:  # held until renamed: a later run sees the file is not stale
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        # on a file system without locks a later run cannot lock it either: it keeps the file
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     else:  # Windows cannot rename a file that is open
         os.close(fd)
         fd = -1

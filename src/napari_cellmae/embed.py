@@ -633,7 +633,10 @@ def _output_guard(indexes: Sequence[pd.DataFrame], force: bool) -> dict[str, Any
     """The output-folder rule's arguments for these plates: their folders are inputs, and each
     plate's folder ``OUT/<plate>/`` must not land on one of them."""
     roots = [i.attrs["root"] for i in indexes if i.attrs.get("root")]
-    names = {safe_name(p) for i in indexes for p in i["Metadata_Plate"].unique()}
+    # the first folder well_dir puts under OUT for each plate (whatever its naming rule)
+    names = {
+        well_dir(Path(), p, "_").parts[0] for i in indexes for p in i["Metadata_Plate"].unique()
+    }
     return {"inputs": roots, "subfolders": sorted(names), "force": force, "what": "plate folder"}
 
 

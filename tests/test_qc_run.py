@@ -99,7 +99,7 @@ def test_inputs_are_untouched_by_runs_and_mirrors(plate, tmp_path):
 def test_mirror_modes_hold_exactly_the_passing_files(plate, tmp_path):
     from napari_cellmae.plates import scan_plate
 
-    result = run(run_qc(plate, tmp_path / "out", link_passing=tmp_path / "hard"))
+    result = run(run_qc(plate, tmp_path / "out", link_passing=tmp_path / "hard", link_mode="hard"))
     passing = pd.read_parquet(tmp_path / "out" / "passing_images.parquet")
     expected = sorted(Path(p).relative_to(plate).as_posix() for p in passing["path"])
     assert result["mirror"]["files"] == len(expected) > 0

@@ -72,6 +72,7 @@ from .executors import (
     shares_memory,
     worker_source,
 )
+from .outputs import check_output_dir, prepare_output_dir
 from .progress import Progress
 from .store import run_record, write_json_atomic
 
@@ -631,6 +632,17 @@ def _well_keys(indexes: list[pd.DataFrame]) -> list[tuple[str, str]]:
     return list(keys)
 
 
+def _output_guard(indexes: Sequence[pd.DataFrame], force: bool) -> dict[str, Any]:
+    """The output-folder rule's arguments for these plates: their folders are inputs, and each
+    plate's folder ``OUT/<plate>/`` must not land on one of them."""
+    roots = [i.attrs["root"] for i in indexes if i.attrs.get("root")]
+    # the first folder well_dir puts under OUT for each plate (whatever its naming rule)
+    names = {
+        well_dir(Path(), p, "_").parts[0] for i in indexes for p in i["Metadata_Plate"].unique()
+    }
+    return {"inputs": roots, "subfolders": sorted(names), "force": force, "what": "plate folder"}
+
+
 def embed_plates(
     plates: Sequence[str | os.PathLike | pd.DataFrame] | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -641,6 +653,7 @@ def embed_plates(
     prepare_workers: int | None = None,
     shard: Shard | str | None = None,
     assemble_only: bool = False,
+    force: bool = False,
 ):
     """Embed whole plates into ``out_dir`` (a progress generator; returns :class:`EmbedResult`).
 
@@ -668,6 +681,9 @@ def embed_plates(
     assemble_only : bool
         Embed nothing: gather the wells written by the shards into the tables (every well must
         be there; ValueError lists the missing ones).
+    force : bool
+        Write into an existing folder that cellmae did not make (files of the same names are
+        replaced); without it such a folder is refused (:mod:`napari_cellmae.outputs`).
 
     Yields
     ------
@@ -682,6 +698,8 @@ def embed_plates(
     out = Path(out_dir).expanduser()
     yield Progress(0, None, "scanning plates")
     indexes = _plates(plates, config)
+    guard = _output_guard(indexes, force)
+    check_output_dir(out, "embed", **guard)  # before the model loads: refuse early
     channel_ids = _channels(indexes, config)
     if model is None:
         from .hub import load_model
@@ -702,6 +720,7 @@ def embed_plates(
     bs = _batch_size(model, config)
     names = index_channel_names(indexes[0], channel_ids[0])
     record = run_record(
+        command="embed",
         model=model.name,
         model_source=str(model.source or config.model or ""),
         model_checksum=model.checksum,
@@ -743,7 +762,7 @@ def embed_plates(
             plate: {"mean": ref[:, 0].tolist(), "std": ref[:, 1].tolist()}
             for plate, ref in references.items()
         }
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out, "embed", **guard)  # marks the folder, removes stale temp files
     write_json_atomic(out / "config.json", {**record, "status": "running"})
     save_channel_map(out, names, channel_ids[0])
     all_keys = _well_keys(indexes)

@@ -147,6 +147,7 @@ def profile_report(
     relationship_column: str | None = None,
     n_null: int = 1000,
     seed: int = 0,
+    force: bool = False,
 ):
     """Profile an embedding folder against a platemap: model vs baseline (a progress generator;
     returns :class:`ProfileReport`).
@@ -173,13 +174,18 @@ def profile_report(
         Platemap column whose shared values define related perturbations (instead of ``pairs``).
     n_null, seed
         Size and seed of the control null of replicate consistency.
+    force : bool
+        Write into an existing folder cellmae did not make (:mod:`napari_cellmae.outputs`).
     """
     from .embed import embedding_columns
     from .store import run_record, write_json_atomic, write_table_atomic, write_text_atomic
 
     if method not in ALIGNMENTS:
         raise ValueError(f"unknown alignment {method!r}: choose one of {', '.join(ALIGNMENTS)}")
-    out = Path(out_dir)
+    from .outputs import check_output_dir, prepare_output_dir
+
+    inputs = [platemap] if isinstance(platemap, (str, os.PathLike)) else []
+    out = check_output_dir(out_dir, "profile", inputs=inputs, force=force)
     yield Progress(0, 4, "reading tables")
     model_table, baseline_table, record = yield from load_tables(emb_dir, level)
     pm = read_platemap(platemap, controls)
@@ -208,7 +214,7 @@ def profile_report(
 
     yield Progress(3, 4, f"writing the report to {out}")
     metrics = _metrics_table(ev_model, ev_base, bool(known))
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out, "profile", inputs=inputs, force=force)
     write_table_atomic(metrics, out / "metrics.parquet", csv_twin=True)
     for tag, ev in (("model", ev_model), ("baseline", ev_base)):
         _write_evaluation(out, tag, ev, meta)
@@ -232,7 +238,9 @@ def profile_report(
     }
     markdown = _markdown(info, metrics, ev_model, ev_base)
     write_text_atomic(out / "report.md", markdown)
-    write_json_atomic(out / "config.json", run_record(**info, n_null=n_null, seed=seed))
+    write_json_atomic(
+        out / "config.json", run_record(command="profile", **info, n_null=n_null, seed=seed)
+    )
     yield Progress(4, 4, "report written")
     return ProfileReport(out, metrics, markdown, ev_model, ev_base, meta)
 

@@ -574,6 +574,9 @@ def save_reconstruction(
     out_dir: str | os.PathLike,
     stem: str = "field",
     extra: dict[str, Any] | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
+    force: bool = False,
+    what: str = "input",
 ) -> dict[str, Path]:
     """Write a reconstruction beside its run record (every file atomically).
 
@@ -582,17 +585,19 @@ def save_reconstruction(
     hidden ones predicted),
     ``error.ome.tif`` (float32, every patch), ``mask.ome.tif`` (uint8, 1 = hidden),
     ``preview.png``, ``summary.parquet`` + ``summary.csv`` and ``run.json`` (model id and checksum,
-    mask ratio, seed, hidden channels, channel names, the files, and ``extra``).
+    mask ratio, seed, hidden channels, channel names, the files, and ``extra``). ``out_dir``
+    follows the output-folder rule (:mod:`napari_cellmae.outputs`): never one of ``inputs`` or
+    inside one; an existing folder cellmae did not make only with ``force``.
 
     Returns
     -------
     dict
         Kind -> path of each file written.
     """
+    from .outputs import prepare_output_dir
     from .store import run_record, write_json_atomic, write_table_atomic
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out_dir, "reconstruct", inputs=inputs, force=force, what=what)
     names = result.channel_names
     paths = {
         kind: write_ome_tiff(

@@ -2,7 +2,9 @@
 
 Every writer here writes to a temporary file in the destination folder and renames it into place,
 so a reader never sees a half-written file and an interrupted run leaves either the old file or the
-new one. Inputs are never touched.
+new one (plus, after a kill, its locked-while-written ``.<name>.<random>.part`` temporary, which
+:func:`napari_cellmae.outputs.clean_stale_parts` removes on the next run). Inputs are never
+touched.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
@@ -28,13 +35,21 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
     The temporary file keeps ``path``'s suffix (or ``suffix``) so libraries that pick a format by
     extension still work. On error the temporary file is removed and ``path`` is left as it was.
+    The temporary file is held under an exclusive ``flock`` until it is renamed, so that
+    :func:`part_is_stale` tells a killed writer's leftover from a file being written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
         prefix=f".{path.name}.", suffix=(suffix or path.suffix) + ".part", dir=path.parent
     )
-    os.close(fd)
+    if fcntl is not None:  # held until renamed: a later run sees the file is not stale
+        # on a file system without locks a later run cannot lock it either: it keeps the file
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:  # Windows cannot rename a file that is open
+        os.close(fd)
+        fd = -1
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -44,6 +59,29 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+        if fd >= 0:
+            os.close(fd)
+
+
+STALE_WITHOUT_LOCKS_S = 24 * 3600  # where files cannot be locked: a .part file untouched this long
+
+
+def part_is_stale(path: str | os.PathLike, now: float | None = None) -> bool:
+    """True when the temporary file ``path`` of :func:`atomic_path` was left by a writer that
+    died: no live writer holds its lock (without ``fcntl``: untouched for a day)."""
+    if fcntl is None:
+        import time
+
+        age = (time.time() if now is None else now) - os.stat(path).st_mtime
+        return age > STALE_WITHOUT_LOCKS_S
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: being written right now
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _umask() -> int:

@@ -72,6 +72,7 @@ RESUMABLE_CHANGES = (
     "resume",
     "register",
     "out",
+    "force",
 )
 
 
@@ -126,6 +127,7 @@ class TrainConfig:
     resume: bool = False  # continue from the checkpoint
     name: str | None = None  # model name (default: the folder name)
     register: bool = True  # add the new model to every model picker
+    force: bool = False  # write into an existing folder cellmae did not make (outputs.py)
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -612,7 +614,7 @@ def _model_metadata(
 ) -> dict[str, Any]:
     """config.json entries of the new model: name, description, the training record (start,
     data, recipe, metrics, compute, history) and what it inherits from its start."""
-    skip = ("out", "resume", "register", "checkpoint_dir", "name", "device")
+    skip = ("out", "resume", "register", "checkpoint_dir", "name", "device", "force")
     data = source.describe()
     meta: dict[str, Any] = {
         "name": cfg.name or Path(cfg.out).expanduser().name,
@@ -690,6 +692,12 @@ def train(
             f"{cfg.checkpoint_path} holds the checkpoint of an earlier run: pass --resume to "
             "continue it, or remove that folder to start over."
         )
+    else:  # a new run: the output-folder rule (never an input, never a user's own folder)
+        from .outputs import check_output_dir
+
+        inputs = [*cfg.plates, *([cfg.source] if cfg.source else [])]
+        inputs = [p for p in inputs if Path(p).expanduser().exists()]  # a hub id is no folder
+        check_output_dir(out, "finetune", inputs=inputs, force=cfg.force)
     ckdir = cfg.checkpoint_path
     dist_info, device = setup_processes(cfg.device)
     try:

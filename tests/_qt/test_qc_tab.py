@@ -134,6 +134,14 @@ def test_relabel_and_retrain_change_verdicts_and_threshold_changes_counts(panel,
     assert (tmp_path / "report" / "qc_fields.csv").is_file()
     passing = 6 - low
     assert len(list((tmp_path / "mirror").rglob("*.tif"))) == 2 * passing
+    # a folder of the user's own is refused with the fix, its files untouched (issue 20)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "qc_fields.csv").write_text("mine\n")
+    with qtbot.waitSignal(panel.runner.finished, timeout=20_000):
+        tab.export(str(mine))
+    assert "not empty" in panel.status.text() and "new or empty folder" in panel.status.text()
+    assert (mine / "qc_fields.csv").read_text() == "mine\n"
 
 
 def test_a_head_for_another_encoder_gives_a_notice_and_training_fixes_it(panel, qtbot, tmp_path):

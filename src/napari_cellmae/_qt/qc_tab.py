@@ -233,7 +233,11 @@ class QCTab(QWidget):
         self.export_button = QPushButton("Export…")
         self.mirror_check = QCheckBox("mirror passing images")
         self.mode_combo = QComboBox()
-        self.mode_combo.addItems(("hard", "symlink", "copy"))
+        self.mode_combo.addItems(("copy", "symlink", "hard"))  # copy first: the safe default
+        self.mode_combo.setToolTip(
+            "copy: independent files (safe for tools that edit files in place); symlink / hard: "
+            "no extra space, but an in-place edit of a mirrored file changes the original"
+        )
         needs_result = (self.retrain_button, self.export_button, self.suggest_button)
         for b in (*needs_result, self.save_head_button):
             b.setEnabled(False)
@@ -896,7 +900,7 @@ class QCTab(QWidget):
                 return
         self.export(out, mirror, self.mode_combo.currentText())
 
-    def export(self, out: str, mirror: str | None = None, mode: str = "hard") -> Any:
+    def export(self, out: str, mirror: str | None = None, mode: str = "copy") -> Any:
         """Write the report (and mirror) with the current threshold and head, in the runner."""
         if self.result is None or self.panel.runner.busy:
             return None

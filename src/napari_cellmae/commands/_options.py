@@ -30,6 +30,17 @@ def add_layout(group: ArgumentTarget) -> None:
     )
 
 
+def add_force(group: ArgumentTarget) -> None:
+    """``--force``: write into an existing folder that cellmae did not make."""
+    group.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an existing, non-empty --out folder that cellmae did not make (files "
+        "of the same names there are replaced); without it such a folder is refused. A folder "
+        "an earlier run of the same command made is always resumed or refreshed",
+    )
+
+
 def add_model(group: ArgumentTarget, role: str = "model") -> None:
     """``--model``: a bundled name, a model folder or a Hugging Face repo id."""
     group.add_argument(

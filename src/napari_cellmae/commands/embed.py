@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._options import add_inference, add_layout
+from ._options import add_force, add_inference, add_layout
 
 HELP = "embed plates: per-crop, per-field and per-well parquet tables (resumable)"
 
@@ -71,7 +71,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plates", nargs="+", metavar="PLATE_DIR", help="plate folder(s)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder: new, empty, or one an earlier `cellmae embed` made (resumed); never "
+        "inside a plate folder",
+    )
+    add_force(parser)
     add_model_arguments(parser)
     data = parser.add_argument_group("data")
     add_layout(data)
@@ -138,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             max_in_flight=scale.max_in_flight,
             shard=part,
             assemble_only=args.assemble,
+            force=args.force,
         )
         result = drive(run_, progress=show)
     if result.n_wells_pending:

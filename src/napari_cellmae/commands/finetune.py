@@ -169,6 +169,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="where checkpoints go (default: MODEL_DIR-checkpoints)",
     )
+    machine.add_argument(
+        "--force",
+        action="store_true",
+        help="write the model into an existing, non-empty MODEL_DIR that holds no model (files "
+        "of the same names there are replaced); without it such a folder is refused",
+    )
     machine.add_argument("--name", default=None, help="model name (default: the folder name)")
     machine.add_argument(
         "--no-register",
@@ -222,6 +228,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         resume=args.resume,
         name=args.name,
         register=not args.no_register,
+        force=args.force,
     )
 
 

@@ -33,7 +33,15 @@ HELP = "align embeddings on controls, relate perturbations, report model vs base
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("emb_dir", metavar="EMB_DIR", help="output folder of `cellmae embed`")
     parser.add_argument("--platemap", required=True, metavar="CSV", help="platemap CSV/TSV")
-    parser.add_argument("--out", required=True, metavar="DIR", help="report folder (created)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="report folder: new, empty, or one an earlier `cellmae profile` made",
+    )
+    from ._options import add_force
+
+    add_force(parser)
     parser.add_argument(
         "--pairs",
         metavar="CSV",
@@ -107,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 relationship_column=args.relationship_column,
                 n_null=args.null_size,
                 seed=args.seed,
+                force=args.force,
             ),
             progress=show,
         )

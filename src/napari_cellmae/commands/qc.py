@@ -3,7 +3,9 @@
 
 Writes to --out: qc_images / qc_fields / qc_summary / passing_fields / passing_images (parquet +
 CSV), channels.json and run.json. --link-passing mirrors the passing fields' files (same relative
-paths; hard links, symlinks or copies) for downstream tools. The plate folder is never written.
+paths; copies by default, or symlinks or hard links, which share the originals: see
+docs/guarantees.md) for downstream tools. The plate folder is never written; an --out folder
+that cellmae did not make and that is not empty is refused unless --force.
 
 The head is used only with the encoder it was trained on (checksum); otherwise only the classic
 metrics are used, and --train-from-plate trains a head for the model from synthetic artefacts
@@ -31,7 +33,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._options import add_batch_size, add_device, add_layout, add_model
+from ._options import add_batch_size, add_device, add_force, add_layout, add_model
 from ._progress import progress_bar
 
 HELP = "artefact QC of a plate folder: flags, reasons, passing list, mirror"
@@ -39,7 +41,12 @@ HELP = "artefact QC of a plate folder: flags, reasons, passing list, mirror"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plate", nargs="?", help="plate folder to check (read only)")
-    parser.add_argument("--out", help="output folder for the report (outside the plate folder)")
+    parser.add_argument(
+        "--out",
+        help="output folder for the report: new, empty, or one an earlier `cellmae qc` made; "
+        "outside the plate folder",
+    )
+    add_force(parser)
     parser.add_argument(
         "--head",
         help="QC head file (.npz) from train_qc_head or --save-head (default: the shipped head)",
@@ -71,9 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--link-mode",
-        choices=("hard", "symlink", "copy"),
-        default="hard",
-        help="how to mirror: hard links (same disk, no extra space), symlinks or copies",
+        choices=("copy", "symlink", "hard"),
+        default="copy",
+        help="how to mirror: copy (default; independent files, the only mode where a tool that "
+        "edits a mirrored file cannot change the original), symlink (no extra space; a write "
+        "through the link changes the original) or hard (no extra space, same disk; the mirror "
+        "and the original are the same file)",
     )
     train = parser.add_argument_group("training a head")
     train.add_argument(
@@ -211,6 +221,7 @@ def _run_plate(args: argparse.Namespace, scale, part, executor) -> int:
                 assemble_only=args.assemble,
                 max_in_flight=scale.max_in_flight,
                 device=None if args.device == "auto" else args.device,
+                force=args.force,
             ),
             progress=update,
         )

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._options import add_inference, add_layout
+from ._options import add_force, add_inference, add_layout
 
 HELP = "reconstruct a masked view of one field (OME-TIFF stacks, PNG preview, summary)"
 
@@ -38,7 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FIELD_OR_PLATE",
         help="plate folder, one image file of a plate, or a multi-channel TIFF",
     )
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder: new, empty, or one an earlier `cellmae reconstruct` made (more "
+        "fields are added); never the input's folder",
+    )
+    add_force(parser)
     where = parser.add_argument_group("which field (plate folders)")
     where.add_argument("--well", help="well, e.g. B03 (default: the first complete field)")
     where.add_argument("--site", type=int, default=None, help="site, 1-based (default: 1)")
@@ -138,6 +145,7 @@ def load_input(args: argparse.Namespace) -> dict[str, Any]:
         "channels": None,
         "input": {"path": str(path.resolve())},
         "stem": _safe(path.name.split(".")[0]),
+        "folder": str(path),  # not a plate: only the file itself is an input
     }
 
 
@@ -156,6 +164,7 @@ def _plate_field(index: Any, image: Any, plate: str, well: str, site: int) -> di
             "Metadata_Site": site,
         },
         "stem": _safe(f"{plate}_{well}_s{site}"),
+        "folder": str(index.attrs["root"]),
     }
 
 
@@ -169,7 +178,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
     if not 0.0 <= args.mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}.")
+    from ..outputs import check_output_dir
+
     field = load_input(args)
+    what = "plate folder" if "plate_folder" in field["input"] else "input image"
+    guard = {"inputs": [field["folder"]], "force": args.force, "what": what}
+    check_output_dir(args.out, "reconstruct", **guard)  # before the model runs
     image, names = field["image"], field["channel_names"]
     device = None if args.device == "auto" else args.device
     model = load_model(args.model, device=device, precision=args.precision)
@@ -197,7 +211,9 @@ def run(args: argparse.Namespace) -> int:
             progress=show,
         )
     out = Path(args.out)
-    paths = save_reconstruction(result, out, stem=field["stem"], extra={"input": field["input"]})
+    paths = save_reconstruction(
+        result, out, stem=field["stem"], extra={"input": field["input"]}, **guard
+    )
     if field["channels"] is not None:
         save_channel_map(out, dict(zip(field["channels"], names)), field["channels"])
     table = result.summary[

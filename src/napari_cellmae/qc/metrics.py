@@ -176,11 +176,25 @@ def local_focus_score(images: np.ndarray, scale: int = 20) -> np.ndarray:
     if int(scale) < 1:
         raise ValueError(f"scale must be a positive number of pixels, got {scale}.")
     x = _stack(images)
-    grid, n_tiles = tile_grid(x.shape[1:], int(scale))
-    counts = np.bincount(grid.ravel(), minlength=n_tiles).astype(np.float64)  # (T,)
-    means = _per_label_sum(x, grid, n_tiles) / counts  # (C, T)
-    sq = (x - np.take_along_axis(means, grid.ravel()[None], axis=1).reshape(x.shape)) ** 2
-    sums = _per_label_sum(sq, grid, n_tiles)  # (C, T)
+    # CellProfiler's tiles (tile_grid) are rectangles of whole pixel rows and columns: sum them
+    # with reduceat, one band of tile rows at a time (no full-size label or difference arrays)
+    h, w = x.shape[1:]
+    m, n = (h + scale - 1) // scale, (w + scale - 1) // scale
+    rows = (np.arange(h, dtype=np.float64) * m / h).astype(np.int64)
+    cols = (np.arange(w, dtype=np.float64) * n / w).astype(np.int64)
+    r0 = np.searchsorted(rows, np.arange(m))  # first pixel row of each tile row
+    c0 = np.searchsorted(cols, np.arange(n))
+    nr, nc = np.diff(np.append(r0, h)), np.diff(np.append(c0, w))
+    counts = (nr[:, None] * nc[None, :]).ravel().astype(np.float64)  # (T,)
+    c = x.shape[0]
+    means = np.empty((c, m, n))
+    sums = np.empty((c, m, n))
+    for t in range(m):
+        band = x[:, r0[t] : r0[t] + nr[t]]  # (C, rows, W)
+        means[:, t] = np.add.reduceat(band.sum(axis=1), c0, axis=1) / (nr[t] * nc)
+        sq = (band - np.repeat(means[:, t], nc, axis=1)[:, None, :]) ** 2
+        sums[:, t] = np.add.reduceat(sq.sum(axis=1), c0, axis=1)
+    means, sums = means.reshape(c, -1), sums.reshape(c, -1)
     out = np.zeros(x.shape[0])
     for c in range(x.shape[0]):
         keep = (means[c] != 0) & np.isfinite(means[c])
@@ -263,16 +277,28 @@ def power_log_log_slope(images: np.ndarray) -> np.ndarray:
     constant = flat.max(axis=1) == flat.min(axis=1)
     mean, std = flat.mean(axis=1), flat.std(axis=1)
     scale = np.where(std > 0, std, 1.0)
-    centred = ((x - mean[:, None, None]) / scale[:, None, None]).astype(np.float32)
-    spectrum = scipy.fft.fft2(centred, workers=-1).reshape(c, -1)  # complex64 (C, H·W)
-    labels = ring_labels((h, w)).ravel()
-    inside = np.flatnonzero((labels >= radii[0]) & (labels <= radii[-1]))  # 4 corner discs
-    ring = labels[inside] - radii[0]  # 0 .. len(radii)-1
-    mag = np.abs(spectrum[:, inside]).astype(np.float64)  # (C, K)
     n = len(radii)
-    idx = (ring[None] + (np.arange(c) * n)[:, None]).ravel()
-    mag_sum = np.bincount(idx, weights=mag.ravel(), minlength=c * n).reshape(c, n)
-    pow_sum = np.bincount(idx, weights=(mag * mag).ravel(), minlength=c * n).reshape(c, n)
+    mag_sum, pow_sum = np.zeros((c, n)), np.zeros((c, n))
+    # only rows and columns within radii[-1] of an edge hold the rings (4 corner discs); the
+    # labels of ring_labels are made one band of rows at a time (memory: the spectrum only)
+    dj = np.minimum(np.arange(w), w - 1 - np.arange(w)).astype(np.float64) ** 2
+    near = np.flatnonzero(np.minimum(np.arange(h), h - 1 - np.arange(h)) < radii[-1])
+    for ch in range(c):
+        spectrum = np.zeros((h, w), np.complex64)  # filled (in bands) and transformed in place
+        step = max(1, _BAND_PIXELS // w)
+        for r in range(0, h, step):
+            spectrum.real[r : r + step] = (x[ch, r : r + step] - mean[ch]) / scale[ch]
+        spectrum = scipy.fft.fft2(spectrum, workers=-1, overwrite_x=True)
+        for start in range(0, len(near), 256):
+            band = near[start : start + 256]
+            di = np.minimum(band, h - 1 - band).astype(np.float64) ** 2
+            labels = np.floor(np.sqrt(di[:, None] + dj[None, :])).astype(np.int64) + 1
+            inside = (labels >= radii[0]) & (labels <= radii[-1])
+            ring = labels[inside] - radii[0]  # 0 .. len(radii)-1
+            mag = np.abs(spectrum[band][inside]).astype(np.float64)
+            mag_sum[ch] += np.bincount(ring, weights=mag, minlength=n)
+            pow_sum[ch] += np.bincount(ring, weights=mag * mag, minlength=n)
+        del spectrum
     log_r = np.log(radii.astype(np.float64))
     for i in range(c):
         if constant[i] or mag_sum[i].sum() <= 0:
@@ -307,7 +333,10 @@ def intensity_stats(images: np.ndarray) -> dict[str, np.ndarray]:
     flat = _stack(images)
     flat = flat.reshape(flat.shape[0], -1)
     q1, median, q3 = np.percentile(flat, [25, 50, 75], axis=1)
-    mad = np.median(np.abs(flat - median[:, None]), axis=1)
+    deviation = flat - median[:, None]  # one full-size temporary, reused in place
+    np.abs(deviation, out=deviation)
+    mad = np.median(deviation, axis=1, overwrite_input=True)
+    del deviation
     return {
         "TotalIntensity": flat.sum(axis=1),
         "MeanIntensity": flat.mean(axis=1),
@@ -425,19 +454,58 @@ def measure(
     :func:`file_max_value`); None = the dtype's maximum.
     """
     arr = np.asarray(images)
+    if arr.ndim == 3 and len(arr) > 1:  # one channel at a time: memory of one float64 image
+        tops = _tops(len(arr), max_value)
+        per = [measure(arr[i : i + 1], scales, tops[i]) for i in range(len(arr))]
+        return {k: np.concatenate([p[k] for p in per]) for k in metric_names(scales)}
     x = _stack(arr, max_value)  # convert once: the functions below take float64 unchanged
     out: dict[str, np.ndarray] = {"FocusScore": focus_score(x)}
     for n in scales:
         out[f"LocalFocusScore_{n}"] = local_focus_score(x, n)
-    q = quantize(x)
+    q = _quantize_uint8(x)
     for n in scales:
-        out[f"Correlation_{n}"] = haralick_correlation(cooccurrence(q, int(n)))
+        out[f"Correlation_{n}"] = haralick_correlation(_cooccurrence_banded(q, int(n)))
+    del q
     out["PowerLogLogSlope"] = power_log_log_slope(x)
     out["PercentMaximal"] = percent_maximal(x)
     out["PercentMinimal"] = percent_minimal(x)
     out.update(intensity_stats(x))
     out["ThresholdOtsu"] = threshold_otsu(arr, max_value)  # from the raw values: a histogram
     return {k: out[k] for k in metric_names(scales)}
+
+
+_BAND_PIXELS = 1 << 22  # pixels per band when a large image is processed in bands (4 M)
+
+
+def _quantize_uint8(x: np.ndarray, levels: int = CORRELATION_LEVELS) -> np.ndarray:
+    """:func:`quantize` of a float64 stack as uint8, one band of rows at a time (the same
+    arithmetic per pixel, so the same levels; 1 byte per pixel instead of 8 plus temporaries)."""
+    lo = x.min(axis=(1, 2), keepdims=True)
+    hi = x.max(axis=(1, 2), keepdims=True)
+    divisor = np.where(hi > lo, hi - lo, 1.0)
+    out = np.empty(x.shape, np.uint8)
+    step = max(1, _BAND_PIXELS // max(1, x.shape[2]))
+    for r in range(0, x.shape[1], step):
+        normalized = (x[:, r : r + step] - lo) / divisor
+        out[:, r : r + step] = np.clip(np.floor_divide(normalized, 1.0 / levels), 0, levels - 1)
+    return out
+
+
+def _cooccurrence_banded(
+    quantized: np.ndarray, scale: int, levels: int = CORRELATION_LEVELS
+) -> np.ndarray:
+    """:func:`cooccurrence` counted one band of rows at a time (same counts, bounded memory)."""
+    c, h, w = quantized.shape
+    if w <= scale:
+        return np.zeros((c, levels, levels))
+    counts = np.zeros(c * levels * levels, np.int64)
+    step = max(1, _BAND_PIXELS // w)
+    for r in range(0, h, step):
+        band = quantized[:, r : r + step].astype(np.int64)
+        a, b = band[:, :, :-scale], band[:, :, scale:]
+        idx = (np.arange(c)[:, None, None] * levels * levels + a * levels + b).ravel()
+        counts += np.bincount(idx, minlength=c * levels * levels)
+    return counts.reshape(c, levels, levels) / float(h * (w - scale))
 
 
 def measure_field(

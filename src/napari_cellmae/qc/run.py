@@ -46,7 +46,7 @@ from .metrics import file_max_value, measure, metric_names
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-LINK_MODES = ("hard", "symlink", "copy")
+LINK_MODES = ("copy", "symlink", "hard")  # the first is the default: the safe one
 DEFAULT_THRESHOLD = 0.5
 MIRROR_MARKER = ".cellmae-mirror.json"
 UNREADABLE = "unreadable"
@@ -96,13 +96,10 @@ def head_status(head: QCHead | None, model: Any) -> tuple[QCHead | None, str]:
     )
 
 
-def _inside(child: str | os.PathLike, parent: str | os.PathLike) -> bool:
-    c, p = Path(child).resolve(), Path(parent).resolve()
-    return c == p or p in c.parents
-
-
 def _check_outside(folder: str | os.PathLike, root: str, what: str) -> None:
-    if _inside(folder, root):
+    from ..outputs import is_inside
+
+    if is_inside(folder, root):
         raise ValueError(
             f"The {what} {folder} is inside the plate folder {root}: the plate folder is never "
             f"written to. Choose a {what} outside it."
@@ -442,16 +439,21 @@ def write_report(
     out: str | os.PathLike,
     images: pd.DataFrame,
     fields: pd.DataFrame,
+    *,
+    force: bool = False,
     **record: Any,
 ) -> dict[str, Path]:
-    """Write the QC tables (parquet + CSV twins), passing lists, channels.json and run.json."""
+    """Write the QC tables (parquet + CSV twins), passing lists, channels.json and run.json
+    into ``out`` (the output-folder rule of :mod:`napari_cellmae.outputs`: ``force`` writes
+    into a folder cellmae did not make)."""
+    from ..outputs import prepare_output_dir
     from ..plates.channels import index_channel_names, save_channel_map
     from ..store import run_record, write_json_atomic, write_table_atomic
 
     root = result.index.attrs.get("root", "")
-    if root:
-        _check_outside(out, root, "output folder")
-    out = Path(out)
+    out = prepare_output_dir(
+        out, "qc", inputs=[root] if root else [], force=force, what="plate folder"
+    )
     summary = summarize(fields)
     paths = {
         "images": write_table_atomic(images, out / "qc_images.parquet", csv_twin=True),
@@ -492,7 +494,29 @@ def write_report(
     return paths
 
 
+def _made_by_mirror(target: Path, source: Path, mode: str | None) -> bool:
+    """Whether ``target`` is still what the mirror made from ``source``: a symlink to it, a hard
+    link of it, or an unchanged copy (size and modification time kept by the copy)."""
+    if target.is_symlink():
+        return mode in (None, "symlink") and Path(os.readlink(target)) == source.resolve()
+    if not target.is_file() or not source.is_file():
+        return False
+    if mode in (None, "hard") and os.path.samefile(target, source):
+        return True
+    if mode in (None, "copy"):
+        a, b = target.stat(), source.stat()
+        return a.st_size == b.st_size and int(a.st_mtime) == int(b.st_mtime)
+    return False
+
+
 def _clear_old_mirror(mirror: Path) -> None:
+    """Empty a mirror folder made by an earlier QC mirror before it is refreshed.
+
+    Only what the marker lists is removed, and only where it is still what the mirror made
+    (:func:`_made_by_mirror`); an entry that points outside the mirror (``..``, an absolute path,
+    a folder symlinked elsewhere) means the marker was not written by cellmae: nothing is removed
+    and the refresh is refused. Files the mirror did not make are never removed either.
+    """
     import json
 
     marker = mirror / MIRROR_MARKER
@@ -503,14 +527,48 @@ def _clear_old_mirror(mirror: Path) -> None:
             f"The mirror folder {mirror} exists and is not empty: choose a new or empty folder "
             "(a folder made by an earlier QC mirror is refreshed)."
         )
-    listed = json.loads(marker.read_text()).get("files", [])
-    for rel in listed:  # only what an earlier mirror made: links or copies, never originals
+    fix = f"choose a new mirror folder, or empty {mirror} yourself"
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+        listed, plate, mode = data["files"], Path(data["plate"]), data.get("mode")
+        if not isinstance(listed, list) or not all(isinstance(r, str) for r in listed):
+            raise TypeError("'files' is not a list of paths")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"The mirror marker {marker} is unreadable ({exc}): {fix}.") from None
+    base = mirror.resolve()
+    targets = []
+    for rel in listed:  # check every entry before removing anything
         target = mirror / rel
-        if target.is_symlink() or target.is_file():
+        parent = target.parent.resolve()  # a folder symlinked out of the mirror resolves outside
+        if (
+            not rel.strip()
+            or Path(rel).is_absolute()
+            or ".." in Path(rel).parts
+            or not (parent == base or base in parent.parents)
+        ):
+            raise ValueError(
+                f"The mirror marker {marker} lists {rel!r}, which is not inside the mirror "
+                f"folder: it was not written by cellmae, and nothing was removed. Choose a new "
+                f"mirror folder, or empty {mirror} yourself."
+            )
+        targets.append((target, plate / rel))
+    kept = []
+    for target, source in targets:  # only links or copies the mirror made, never originals
+        if _made_by_mirror(target, source, mode):
             target.unlink()
-    for folder in sorted((p for p in mirror.rglob("*") if p.is_dir()), reverse=True):
-        if not any(folder.iterdir()):
-            folder.rmdir()
+        elif target.exists() or target.is_symlink():
+            kept.append(target)
+    for folder, _, _ in sorted(os.walk(mirror), key=lambda t: len(t[0]), reverse=True):
+        path = Path(folder)
+        if path != mirror and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
+    if kept:
+        shown = ", ".join(str(p.relative_to(mirror)) for p in kept[:5])
+        raise ValueError(
+            f"The mirror folder {mirror} holds files changed since the mirror made them ({shown}"
+            f"{' …' if len(kept) > 5 else ''}): they were left as they are. Move them away, or "
+            "choose a new mirror folder."
+        )
 
 
 def _place(src: Path, dst: Path, mode: str) -> None:
@@ -557,7 +615,7 @@ def mirror_passing(
     index: pd.DataFrame,
     fields: pd.DataFrame,
     mirror: str | os.PathLike,
-    mode: str = "hard",
+    mode: str = "copy",
 ) -> Generator[Progress, None, dict[str, Any]]:
     """Link (``hard`` / ``symlink``) or ``copy`` the passing fields' files into ``mirror`` with
     their relative paths (plus a Harmony index file, for channel names). Progress generator;
@@ -601,7 +659,7 @@ def run_qc(
     threshold: float = DEFAULT_THRESHOLD,
     z_threshold: float = DEFAULT_Z,
     link_passing: str | os.PathLike | None = None,
-    link_mode: str = "hard",
+    link_mode: str = "copy",
     layout: str = "auto",
     batch_size: int | None = None,
     executor: Any = None,
@@ -609,6 +667,7 @@ def run_qc(
     assemble_only: bool = False,
     max_in_flight: int | None = None,
     device: str | None = None,
+    force: bool = False,
 ) -> Generator[Progress, None, dict[str, Any]]:
     """The whole plate QC (``cellmae qc``) as a progress generator; returns a summary dict with
     the output paths, the method used, the notice, the per-plate summary table and
@@ -623,8 +682,11 @@ def run_qc(
         raise ValueError(f"Unknown link mode {link_mode!r}: use one of {', '.join(LINK_MODES)}.")
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold is a probability in [0, 1], got {threshold}.")
+    from ..outputs import check_output_dir, prepare_output_dir
+
+    guard = {"subfolders": ["wells"], "force": force, "what": "plate folder"}
     if isinstance(plate, (str, os.PathLike)):
-        _check_outside(out, plate, "output folder")
+        check_output_dir(out, "qc", inputs=[plate], **guard)  # before any measuring
         if link_passing is not None:
             _check_outside(link_passing, plate, "mirror folder")
             check_mirrorable(plate)  # before measuring, not after
@@ -635,8 +697,9 @@ def run_qc(
         from .wells import measure_wells
 
         index = scan_plate(plate, layout) if isinstance(plate, (str, os.PathLike)) else plate
-        if index.attrs.get("root"):  # the wells are written before the report: check first
-            _check_outside(out, index.attrs["root"], "output folder")
+        # the wells are written before the report: claim the folder first
+        root = index.attrs.get("root")
+        prepare_output_dir(out, "qc", inputs=[root] if root else [], **guard)
         result, pending = yield from measure_wells(
             index,
             out,
@@ -669,6 +732,7 @@ def run_qc(
         fields,
         threshold=threshold,
         z_threshold=z_threshold,
+        force=force,
         mirror=None if link_passing is None else {"folder": str(link_passing), "mode": link_mode},
     )
     mirrored = None

@@ -455,6 +455,7 @@ def measure(
     """
     arr = np.asarray(images)
     if arr.ndim == 3 and len(arr) > 1:  # one channel at a time: memory of one float64 image
+        _stack(arr[:, :1, :1], max_value)  # checks shape, dtype and max_value first
         tops = _tops(len(arr), max_value)
         per = [measure(arr[i : i + 1], scales, tops[i]) for i in range(len(arr))]
         return {k: np.concatenate([p[k] for p in per]) for k in metric_names(scales)}

@@ -9,7 +9,7 @@
   clicking a point opens its field; opening a field marks its point.
 - **Embed field** embeds the open field alone and shows which fields of the plate resemble it.
 - **Export** writes the field table (metadata, embedding, PCA, similarity) as parquet or CSV.
-- **Profile** runs :func:`napari_cellmae.profile.profile_report` (model vs baseline) with a
+- **Profile** runs :func:`napari_cellmae.profiling.profile_report` (model vs baseline) with a
   platemap and shows the report.
 """
 

@@ -10,7 +10,8 @@
 - **Embed field** embeds the open field alone and shows which fields of the plate resemble it.
 - **Export** writes the field table (metadata, embedding, PCA, similarity) as parquet or CSV.
 - **Profile** runs :func:`napari_cellmae.profiling.profile_report` (model vs baseline) with a
-  platemap and shows the report.
+  platemap and shows the report. A platemap chosen before **Embed plate** is also joined into the
+  embedding tables (``EmbedConfig.platemap``); Profile then needs none.
 """
 
 from __future__ import annotations
@@ -167,6 +168,10 @@ class EmbedTab(QWidget):
 
         self.platemap_edit = QLineEdit()
         self.platemap_edit.setPlaceholderText("platemap CSV (well, perturbation, control)")
+        self.platemap_edit.setToolTip(
+            "Embed plate joins its Metadata_* columns into the embedding tables; Profile uses "
+            "it (empty: the annotations already in the tables)"
+        )
         self.platemap_button = QPushButton("…")
         self.pairs_edit = QLineEdit()
         self.pairs_edit.setPlaceholderText("optional: known pairs CSV")
@@ -246,6 +251,7 @@ class EmbedTab(QWidget):
             normalization=self.normalization_combo.currentData(),
             block=self.block_spin.value() or None,
             batch_size=self.batch_spin.value() or None,
+            platemap=self.platemap_edit.text().strip() or None,
         )
 
     def _ready(self, what: str) -> bool:
@@ -384,7 +390,7 @@ class EmbedTab(QWidget):
         self.select_vector(self._matrix()[row], row)
 
     def select_vector(self, vector: np.ndarray, row: int | None) -> None:
-        from ..profile import cosine_similarity
+        from ..profiling import cosine_similarity
 
         assert self.table is not None
         x = self._matrix()
@@ -521,12 +527,9 @@ class EmbedTab(QWidget):
         """Profile the last embedding folder against the platemap (model vs baseline)."""
         from ..profiling import profile_report
 
-        platemap = self.platemap_edit.text().strip()
+        platemap = self.platemap_edit.text().strip() or None  # None: the tables' annotations
         if self.out_dir is None:
             self.panel.log("Embed: embed a plate before profiling it")
-            return None
-        if not platemap:
-            self.panel.log("Embed: choose a platemap CSV (well, perturbation, control flag)")
             return None
         if not self._ready("profile"):
             return None

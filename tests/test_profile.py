@@ -275,6 +275,19 @@ def test_activity_p_values_are_copairs_with_benjamini_hochberg():
     assert 0 < ours["active"].mean() < 1  # noisy enough that not every perturbation is found
 
 
+def test_replicates_on_one_plate_each_fall_back_to_same_plate_positives():
+    x, meta = _structured()
+    # each perturbation's 4 replicates on one plate (the plate of its mechanism)
+    meta["Metadata_Plate"] = np.where(
+        meta["Metadata_IsControl"], meta["Metadata_Plate"], meta["Metadata_Mechanism"]
+    )
+    wells, table = replicate_retrieval(x, meta)  # nothing to find on other plates: no error
+    assert wells.empty and table.empty
+    meta["Metadata_Batch"] = "one batch"  # the plates of perturbations hold no controls
+    ev = evaluate(x, meta, "none", batch_column="Metadata_Batch", null_size=500, n_null=50)
+    assert ev.metrics["same_plate"] == 1.0 and ev.metrics["replicate_map"] > 0.9
+
+
 def _no_phenotype_screen(seed: int, n_ctrl: int, n_pert: int = 20, reps: int = 3):
     """Two plates with their own offsets; perturbations drawn like the controls (no phenotype)."""
     rng = np.random.default_rng(seed)

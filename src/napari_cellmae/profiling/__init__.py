@@ -30,6 +30,7 @@ from .metrics import (
     relationship_recall,
     replicate_consistency,
     replicate_retrieval,
+    replicates_across_plates,
     split_controls,
 )
 from .platemap import (
@@ -65,6 +66,7 @@ __all__ = [
     "relationship_recall",
     "replicate_consistency",
     "replicate_retrieval",
+    "replicates_across_plates",
     "split_controls",
     "table_annotations",
     "tvn",

@@ -203,18 +203,24 @@ def _copairs_ap(
     import logging
 
     from copairs.map import average_precision
+    from copairs.matching import UnpairedException
 
     logging.getLogger("copairs").setLevel(logging.WARNING)
-    return average_precision(
-        meta.reset_index(drop=True),
-        np.asarray(x, dtype=np.float64),
-        pos_sameby=pos_sameby,
-        pos_diffby=pos_diffby,
-        neg_sameby=neg_sameby,
-        neg_diffby=neg_diffby,
-        distance="cosine",
-        progress_bar=False,
-    )
+    try:
+        return average_precision(
+            meta.reset_index(drop=True),
+            np.asarray(x, dtype=np.float64),
+            pos_sameby=pos_sameby,
+            pos_diffby=pos_diffby,
+            neg_sameby=neg_sameby,
+            neg_diffby=neg_diffby,
+            distance="cosine",
+            progress_bar=False,
+        )
+    except UnpairedException:  # no positive (or no negative) pair: nothing to rank
+        return meta.reset_index(drop=True).assign(
+            average_precision=np.nan, n_pos_pairs=0, n_total_pairs=0
+        )
 
 
 def _copairs_map(ap: pd.DataFrame, sameby: list[str], null_size: int, seed: int) -> pd.DataFrame:
@@ -239,6 +245,15 @@ def _chance(ap: pd.DataFrame, by: str) -> pd.Series:
     """The AP of a random ranking, per group: the mean share of positives among candidates."""
     share = ap["n_pos_pairs"] / ap["n_total_pairs"].where(ap["n_total_pairs"] > 0)
     return share.groupby(ap[by], sort=False).mean()
+
+
+def replicates_across_plates(meta: pd.DataFrame, plate_column: str = "Metadata_Plate") -> bool:
+    """Whether any non-control perturbation has wells on two plates (else replicate retrieval
+    with positives from other plates has nothing to find)."""
+    if plate_column not in meta:
+        return False
+    rows = meta[~meta["Metadata_IsControl"].astype(bool)]
+    return bool((rows.groupby("Metadata_Perturbation")[plate_column].nunique() > 1).any())
 
 
 def _plates_differ(meta: pd.DataFrame, same_plate: bool, plate_column: str) -> list[str]:
@@ -365,6 +380,8 @@ def phenotypic_consistency(
         neg_diffby=[column],
     )
     ap = ap[ap["n_pos_pairs"] > 0]
+    if ap.empty:
+        return pd.DataFrame(columns=[*columns, "retrieved"])
     result = _copairs_map(ap, [column], null_size, seed)
     result = result.rename(columns={"mean_average_precision": "mAP"})
     result["chance"] = result[column].map(_chance(ap, column))
@@ -479,8 +496,8 @@ def evaluate(
             )
     batches = meta[batch_column].astype(str).to_numpy()
     labels = meta["Metadata_Perturbation"].astype(str).to_numpy()
-    if not same_plate and (plate_column not in meta or meta[plate_column].nunique() < 2):
-        same_plate = True  # one plate: there is no other plate to find replicates on
+    if not same_plate and not replicates_across_plates(meta, plate_column):
+        same_plate = True  # no replicate on another plate to find: same-plate ones, named so
     aligned = align(x, controls, batches, method)
     names, profiles = aggregate(aligned[~controls], labels[~controls])
     sim = cosine_similarity(profiles)

@@ -296,7 +296,11 @@ def profile_report(
         else (str(platemap) if not hasattr(platemap, "columns") else "a DataFrame"),
         "replicate_positives": "same-plate" if ev_model.metrics["same_plate"] else "other-plates",
         "positives": positives
-        + (" (one plate: there is no other)" if n_plates < 2 and not same_plate else ""),
+        + (
+            " (no perturbation has wells on two plates)"
+            if ev_model.metrics["same_plate"] and not same_plate
+            else ""
+        ),
         "relationship_column": relationship_column,
         "n_rows": len(meta),
         "n_unannotated": model.attrs.get("n_unannotated", 0),

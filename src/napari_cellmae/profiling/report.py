@@ -78,7 +78,6 @@ _METRIC_ROWS = (
 
 
 _FIELD_ONLY = ("Metadata_Site", "Metadata_NCrops", "Metadata_Plane", "Metadata_Timepoint")
-WELL_ANNOTATIONS = ("Metadata_Row", "Metadata_Col")
 
 
 def _group_mean(df: pd.DataFrame, keys: list[str], columns: list[str]) -> pd.DataFrame:
@@ -138,7 +137,7 @@ def load_tables(emb_dir: str | os.PathLike, level: str = "well"):
         model = fields if level == "field" else _group_mean(fields, keys, emb)
         if level == "well":  # the platemap annotations `embed --platemap` wrote into the fields
             per_well = [c for c in fields.columns if c.startswith("Metadata_") and c not in keys]
-            per_well = [c for c in per_well if c in WELL_ANNOTATIONS or c not in _FIELD_ONLY]
+            per_well = [c for c in per_well if c not in _FIELD_ONLY]
             first = fields.drop_duplicates(keys)[keys + per_well]
             model = first.merge(model, on=keys, how="right")
     else:
@@ -165,7 +164,12 @@ def table_annotations(table: pd.DataFrame) -> pd.DataFrame:
             f"the embedding tables carry no {' / '.join(missing)} column: give a platemap "
             "(CLI: --platemap CSV), or embed with `cellmae embed … --platemap CSV`"
         )
-    skip = set(_FIELD_ONLY) | {"Metadata_NFields", "Metadata_Crop", "Metadata_CropY"}
+    skip = set(_FIELD_ONLY) | {
+        "Metadata_NFields",
+        "Metadata_Crop",
+        "Metadata_CropY",
+        "Metadata_CropX",
+    }
     columns = [c for c in table.columns if c.startswith("Metadata_") and c not in skip]
     pm = table[columns].drop_duplicates(["Metadata_Plate", "Metadata_Well"])
     pm = pm[pm["Metadata_Perturbation"].notna()]

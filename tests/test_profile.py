@@ -634,3 +634,40 @@ def test_embedding_folder_path_is_checked(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="cellmae embed"):
         run(profile_report(tmp_path, Path("platemap.csv"), tmp_path / "r"))
+
+
+def test_annotations_by_well_on_every_plate_and_missing_wells_left_empty():
+    import pyarrow as pa
+
+    from napari_cellmae.embed_store import _annotate
+    from napari_cellmae.profiling import annotate
+    from napari_cellmae.profiling.platemap import platemap_annotations
+
+    # no plate column: a well's annotation holds on every plate; B01 is not in the platemap
+    pm = read_platemap(
+        pd.DataFrame({"well": ["A1", "A2"], "treatment": ["DMSO", "X"], "dose": [0, 5]}),
+        controls=["DMSO"],
+    )
+    table = pd.DataFrame(
+        {
+            "Metadata_Plate": ["P1", "P1", "P2", "P2"],
+            "Metadata_Well": ["A02", "B01", "A01", "A02"],
+            "Metadata_Row": ["A", "B", "A", "A"],
+            "emb_0000": [1.0, 2.0, 3.0, 4.0],
+        }
+    )
+    got = annotate(table, pm)
+    assert got["Metadata_Perturbation"].tolist()[::2] == ["X", "DMSO"]
+    assert pd.isna(got.at[1, "Metadata_Perturbation"]) and got.attrs["n_unannotated"] == 1
+    assert str(got["Metadata_IsControl"].dtype) == "boolean"
+    assert got["Metadata_Row"].tolist() == ["A", "B", "A", "A"]  # the table keeps its own
+    # the Arrow join `embed --platemap` runs per well gives the same rows, in order
+    _, columns = platemap_annotations(pm)
+    arrow = _annotate(pa.Table.from_pandas(table), pa.Table.from_pandas(columns)).to_pandas()
+    assert arrow["emb_0000"].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert arrow["Metadata_Perturbation"].tolist()[::2] == ["X", "DMSO"]
+    assert arrow["Metadata_dose"].tolist()[2:] == [0, 5]
+    # two annotations for one well are refused, naming it
+    twice = pd.concat([pm, pm.assign(Metadata_Perturbation="Y")])
+    with pytest.raises(ValueError, match="annotates .*A01.* twice"):
+        annotate(table, twice)

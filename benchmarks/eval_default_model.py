@@ -221,7 +221,7 @@ def screen_profiles(model, folder: Path, seed: int, size: int, others: dict | No
 
 def one_nn_labels(x: np.ndarray, labels: np.ndarray, plates: np.ndarray) -> np.ndarray:
     """The label of each well's nearest (cosine) well on another plate."""
-    from napari_cellmae.profile import cosine_similarity
+    from napari_cellmae.profiling import cosine_similarity
 
     sim = cosine_similarity(x)
     nearest = []
@@ -281,7 +281,7 @@ def random_init(model, seed: int = 0):
 def embedding_quality(
     model, seed: int, size: int, with_random_init: bool = False
 ) -> dict[str, dict[str, float]]:
-    from napari_cellmae.profile import baseline_pca, evaluate, pairs_from_column
+    from napari_cellmae.profiling import baseline_pca, evaluate, pairs_from_column
 
     others = {RANDOM_INIT: random_init(model)} if with_random_init else {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -173,7 +173,7 @@ def block_scores(
     from napari_cellmae.inference import pool_tokens
     from napari_cellmae.model import standardize
     from napari_cellmae.plates import list_fields, read_field, scan_plate
-    from napari_cellmae.profile import evaluate
+    from napari_cellmae.profiling import evaluate
     from napari_cellmae.synthetic import make_screen
 
     platemap = make_screen(

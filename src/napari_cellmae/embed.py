@@ -142,6 +142,13 @@ class EmbedConfig:
         Also compute the baseline statistics (:mod:`napari_cellmae.features`).
     prefetch : int
         Fields read ahead in background threads.
+    platemap : str, optional
+        A platemap CSV/TSV (:func:`~napari_cellmae.profiling.read_platemap`): its ``Metadata_*``
+        columns (perturbation, control flag, mechanism …) are joined into the crop, field, well
+        and feature tables, by plate and well. Not part of a run's identity: a rerun with another
+        platemap re-annotates the tables.
+    controls : tuple of str, optional
+        Perturbation names of the negative controls, for a platemap without a control column.
     """
 
     model: str | None = None
@@ -156,10 +163,16 @@ class EmbedConfig:
     levels: tuple[str, ...] = LEVELS
     features: bool = True
     prefetch: int = 4
+    platemap: str | None = None
+    controls: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.channels is not None:
             object.__setattr__(self, "channels", tuple(str(c) for c in self.channels))
+        if self.platemap is not None:
+            object.__setattr__(self, "platemap", os.fspath(self.platemap))
+        if self.controls is not None:
+            object.__setattr__(self, "controls", tuple(str(c) for c in self.controls))
         object.__setattr__(self, "levels", tuple(self.levels))
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"pooling {self.pooling!r} is unknown: use one of {POOLINGS}.")
@@ -643,6 +656,38 @@ def _output_guard(indexes: Sequence[pd.DataFrame], force: bool) -> dict[str, Any
     return {"inputs": roots, "subfolders": sorted(names), "force": force, "what": "plate folder"}
 
 
+def _read_platemap(config: EmbedConfig, indexes: list[pd.DataFrame]) -> pd.DataFrame | None:
+    """The platemap of ``config`` (None without one), checked against the scanned wells: a
+    platemap that names none of them is refused; the wells it does not name are listed in
+    ``attrs["wells_unannotated"]`` (config.json) and get empty annotations."""
+    if config.platemap is None:
+        return None
+    from .profiling.platemap import read_platemap
+
+    pm = read_platemap(config.platemap, config.controls)
+    wells = {k for i in indexes for k in _well_keys([i])}
+    if "Metadata_Plate" in pm:
+        named = set(zip(pm["Metadata_Plate"], pm["Metadata_Well"]))
+        missing = [k for k in wells if k not in named]
+    else:
+        named_wells = set(pm["Metadata_Well"])
+        missing = [k for k in wells if k[1] not in named_wells]
+    if wells and len(missing) == len(wells):
+        plates = sorted({p for p, _ in wells})
+        theirs = sorted(set(pm["Metadata_Plate"])) if "Metadata_Plate" in pm else []
+        raise ValueError(
+            f"platemap {config.platemap} names none of the {len(wells)} wells to embed: the "
+            f"plates are {plates}"
+            + (f", the platemap's {theirs[:5]}" if theirs else "")
+            + "; fix the plate names in its plate column (or drop that column to annotate "
+            "wells on every plate)"
+        )
+    pm.attrs["wells_unannotated"] = [f"{p} {w}" for p, w in sorted(missing)]
+    if missing:
+        logger.warning("platemap %s does not name %d wells", config.platemap, len(missing))
+    return pm
+
+
 def embed_plates(
     plates: Sequence[str | os.PathLike | pd.DataFrame] | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -701,6 +746,7 @@ def embed_plates(
     guard = _output_guard(indexes, force)
     check_output_dir(out, "embed", **guard)  # before the model loads: refuse early
     channel_ids = _channels(indexes, config)
+    platemap = _read_platemap(config, indexes)  # before hours of embedding: a bad one stops here
     if model is None:
         from .hub import load_model
 
@@ -867,7 +913,7 @@ def embed_plates(
             n_wells_retried=len(retried),
         )
     yield Progress(total, total, "gathering tables")
-    tables = assemble(out, plate_names, config.levels, config.features, failures)
+    tables = assemble(out, plate_names, config.levels, config.features, failures, platemap)
     counts = {k: pq.read_metadata(p).num_rows for k, p in tables.items()}
     counts |= totals(out, plate_names)
     seconds = time.monotonic() - t0
@@ -878,6 +924,12 @@ def embed_plates(
         "tables": {k: p.name for k, p in tables.items()},
         "seconds": round(seconds, 2),
     }
+    if platemap is not None:
+        final["platemap"] = {
+            "path": str(Path(config.platemap).resolve()),
+            "columns": [c for c in platemap.columns if c.startswith("Metadata_")],
+            "wells_unannotated": platemap.attrs.get("wells_unannotated", []),
+        }
     write_json_atomic(out / "config.json", final)
     return EmbedResult(
         out_dir=out,

@@ -183,13 +183,40 @@ _PARTS = {
 ROW_GROUP_BYTES = 16 << 20  # wells are gathered into row groups of about this size
 
 
-def _concat_parquet(files: list[Path], path: Path) -> Path:
+def _annotate(table, annotations):
+    """Left-join the platemap ``annotations`` (an Arrow table: join keys + ``Metadata_*``) onto a
+    well's Arrow table, row order kept; the platemap's columns replace any the table has."""
+    import numpy as np
+    import pyarrow as pa
+
+    keys = [k for k in ("Metadata_Plate", "Metadata_Well") if k in annotations.column_names]
+    table = table.drop_columns(
+        [c for c in annotations.column_names if c in table.column_names and c not in keys]
+    )
+    annotations = annotations.cast(
+        pa.schema(
+            [
+                pa.field(f.name, table.schema.field(f.name).type) if f.name in keys else f
+                for f in annotations.schema
+            ]
+        )
+    )
+    row = "__cellmae_row"
+    table = table.append_column(row, pa.array(np.arange(len(table), dtype=np.int64)))
+    joined = table.join(annotations, keys, join_type="left outer").sort_by(row)
+    return joined.drop_columns([row])
+
+
+def _concat_parquet(files: list[Path], path: Path, annotations=None) -> Path:
     """Concatenate parquet files into ``path`` a few at a time (bounded memory; row groups of
-    about :data:`ROW_GROUP_BYTES`); columns are the union (Metadata_* first), missing ones null."""
+    about :data:`ROW_GROUP_BYTES`); columns are the union (Metadata_* first), missing ones null.
+    ``annotations`` (an Arrow table, see :func:`assemble`) are joined onto every file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schemas = [pq.read_schema(f) for f in files]
+    if annotations is not None:
+        schemas.append(annotations.schema)
     unified = pa.unify_schemas(schemas, promote_options="permissive").remove_metadata()
     order = [n for n in unified.names if n.startswith("Metadata_")]
     order += [n for n in unified.names if not n.startswith("Metadata_")]
@@ -200,6 +227,8 @@ def _concat_parquet(files: list[Path], path: Path) -> Path:
         pending_bytes = 0  # a running sum: Table.nbytes walks every buffer of every column
         for i, f in enumerate(files):
             table = pq.read_table(f)
+            if annotations is not None:
+                table = _annotate(table, annotations)
             have = dict(zip(table.column_names, table.columns))
             columns = [
                 (have[n] if have[n].type == types[n] else have[n].cast(types[n]))
@@ -221,9 +250,22 @@ def assemble(
     levels: Sequence[str] = LEVELS,
     features: bool = True,
     failures: Sequence[dict[str, Any]] = (),
+    platemap: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
-    """Gather the finished wells of ``plates`` into the final tables (see the module docstring)."""
+    """Gather the finished wells of ``plates`` into the final tables (see the module docstring).
+
+    ``platemap`` (from :func:`napari_cellmae.profiling.read_platemap`): its ``Metadata_*``
+    columns are joined onto the crops, fields, wells and features tables, by plate (when it
+    names plates) and well; wells it does not name get empty annotations."""
     import pandas as pd
+    import pyarrow as pa
+
+    annotations = None
+    if platemap is not None:
+        from .profiling.platemap import platemap_annotations
+
+        _, pm = platemap_annotations(platemap)
+        annotations = pa.Table.from_pandas(pm, preserve_index=False)
 
     out = Path(out_dir)
     wells = []
@@ -245,7 +287,7 @@ def assemble(
             errors = pd.concat([f for f in frames if len(f)] or [_empty_errors()])
             write_table_atomic(errors.reset_index(drop=True), path)
         elif files:
-            _concat_parquet(files, path)
+            _concat_parquet(files, path, annotations if name != "errors" else None)
         else:  # nothing embedded (every field failed): an empty table, not a missing one
             write_table_atomic(_empty_errors().iloc[:, :2], path)
         tables[name] = path

@@ -128,12 +128,31 @@ def test_embed_field_export_and_profile(panel, qtbot, tmp_path, screen, monkeypa
 
     tab.platemap_edit.setText(str(screen / "platemap.csv"))
     tab.align_combo.setCurrentIndex(tab.align_combo.findData("center-scale"))
-    with qtbot.waitSignal(panel.runner.finished, timeout=20_000) as done:
+    with qtbot.waitSignal(panel.runner.finished, timeout=60_000) as done:  # copairs imports ~10 s
         tab.profile_button.click()
     assert done.args == ["done"], panel.status.text()
     assert (tmp_path / "emb" / "profile-center-scale" / "report.md").is_file()
     text = tab.report_view.toPlainText()
     assert "Profiling report" in text and "Replicate retrieval mAP" in text
+
+
+def test_the_platemap_picked_before_embedding_annotates_the_tables(panel, qtbot, tmp_path, screen):
+    tab = panel.tabs["Embed"]
+    tab.platemap_edit.setText(str(screen / "platemap.csv"))
+    _embed(panel, qtbot, tmp_path)
+    wells = pd.read_parquet(tmp_path / "emb" / "wells.parquet")
+    want = pd.read_csv(screen / "platemap.csv")
+    got = wells.merge(want, on=["Metadata_Plate", "Metadata_Well"], suffixes=("", "_csv"))
+    assert (
+        len(got) == 9 and (got["Metadata_Perturbation"] == got["Metadata_Perturbation_csv"]).all()
+    )
+    assert wells["Metadata_IsControl"].sum() == 3
+    # Profile without a platemap reads the annotations the tables carry
+    tab.platemap_edit.clear()
+    with qtbot.waitSignal(panel.runner.finished, timeout=60_000) as done:
+        tab.profile_button.click()
+    assert done.args == ["done"], panel.status.text()
+    assert "the annotations in the embedding tables" in tab.report_view.toPlainText()
 
 
 def test_plate_normalisation_from_the_tab_and_the_open_field_embedded_alike(

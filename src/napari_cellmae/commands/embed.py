@@ -9,7 +9,10 @@ per-channel intensity/texture statistics, the baseline of `cellmae profile`), er
 (fields that could not be read, with the reason), each with a .csv twin, config.json (model
 name and checksum, channels, pooling, block, normalisation and each plate's reference, version)
 and channels.json. Feature columns are emb_0000…; metadata columns Metadata_Plate, Metadata_Well,
-Metadata_Site … as in pycytominer.
+Metadata_Site … as in pycytominer. --platemap CSV joins the platemap's Metadata_* columns
+(perturbation, control flag, mechanism …) into the crop, field, well and feature tables, so they go
+into pycytominer (aggregate / normalize / feature_select with features = the emb_* columns) and
+`cellmae profile` without a platemap of their own.
 
 Resumable: each well is written on its own as soon as it is done (OUT/<plate>/wells/<well>/);
 running the same command again skips finished wells, so an interrupted run (Ctrl-C, a killed job)
@@ -26,6 +29,7 @@ examples:
   cellmae embed /data/plate1 --out emb/
   cellmae embed /data/screen/P1 /data/screen/P2 --model /models/OpenPhenom --device cuda --out emb/
   cellmae embed /data/plate1 --channels DNA ER RNA AGP Mito --pooling channelwise --out emb/
+  cellmae embed /data/screen/P1 /data/screen/P2 --platemap platemap.csv --out emb/
   cellmae embed /data/screen/P* --out emb/ --executor dask --local-workers 4 --device cuda
   cellmae embed /data/screen/P* --out emb/ --slurm-jobs 8 --slurm-gpus 1 --slurm-queue gpu
   cellmae embed /data/screen/P* --out emb/ --shard ${SLURM_ARRAY_TASK_ID}/8
@@ -108,6 +112,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="fields read ahead in background threads (default: 4)",
     )
+    data.add_argument(
+        "--platemap",
+        default=None,
+        metavar="CSV",
+        help="platemap CSV/TSV (Metadata_Plate optional, Metadata_Well, Metadata_Perturbation, "
+        "Metadata_IsControl, any other Metadata_* column; loose names like well, treatment, "
+        "is_control work): joined into the tables",
+    )
+    data.add_argument(
+        "--control",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="with --platemap: perturbation name(s) of the negative controls, when the platemap "
+        "has no control column",
+    )
     from ._scale_out import add_arguments as add_scale_out_arguments
 
     add_scale_out_arguments(parser, "well")
@@ -133,7 +153,11 @@ def run(args: argparse.Namespace) -> int:
         levels=tuple(dict.fromkeys(args.levels)),
         features=not args.no_features,
         prefetch=args.prefetch,
+        platemap=args.platemap,
+        controls=tuple(args.control) if args.control else None,
     )
+    if args.control and not args.platemap:
+        raise ValueError("--control names the controls of a --platemap: give the platemap too")
     scale, part = executor_config(args), shard(args)
     bar, show = progress_bar("embed", "field")
     with bar, open_executor(scale, config.device, log=say) as executor:

@@ -4,21 +4,28 @@ EMB_DIR is the output folder of `cellmae embed`. The platemap (CSV or TSV) gives
 perturbation and whether it is a negative control: columns Metadata_Plate (optional; plate names
 are those of `cellmae embed`), Metadata_Well, Metadata_Perturbation, Metadata_IsControl, and
 optionally Metadata_Batch (loose names work too: plate, well, treatment, is_control, batch).
+Without --platemap, the annotations `cellmae embed --platemap` wrote into the tables are used.
 
 Alignment on the controls of each batch (default: each plate): center-scale, pca-cs (PCA fit on
 controls + center-scale) or tvn (PCA on controls, center-scale, then whitening with each batch's
 control covariance + 0.5·I, as in EFAAR). Profiles are averaged per perturbation and related by
-cosine similarity. Metrics: replicate consistency against a null of random control sets,
-replicate retrieval mAP, and, given known pairs (--pairs CSV with two perturbation columns, or
---relationship-column), the share of pairs in the top/bottom 5% of all cosines. Every metric is
-computed for the model and for a baseline on the same fields (PCA of classic per-channel
-intensity/texture statistics).
+cosine similarity. Metrics, by copairs (what JUMP reports): replicate retrieval mAP (positives:
+replicates on other plates; --same-plate-replicates counts those on the same plate too),
+phenotypic activity (replicates retrieved against controls: mAP, permutation p-values,
+Benjamini-Hochberg, fraction retrieved) and, with --relationship-column, phenotypic consistency
+(perturbations sharing that column's value retrieved against each other). Also: replicate
+consistency against held-out controls (the alignment is fit on half of each plate's controls,
+the null drawn from the other half), and, given known pairs (--pairs CSV with two perturbation
+columns, or --relationship-column), the share of pairs in the top/bottom 5% of all cosines.
+Every metric is computed for the model and for a baseline on the same fields (PCA of classic
+per-channel intensity/texture statistics).
 
-Writes into --out: report.md, metrics.csv, replicates_*.csv, similarity_*.csv, pairs_*.csv,
-profiles_*.parquet, aligned_*.parquet and config.json.
+Writes into --out: report.md, metrics.csv, replicates_*.csv, consistency_*.csv, similarity_*.csv,
+pairs_*.csv, profiles_*.parquet, aligned_*.parquet and config.json.
 
 examples:
   cellmae profile emb/ --platemap platemap.csv --out report/
+  cellmae profile emb/ --relationship-column Metadata_Mechanism --out report/   # annotated by embed
   cellmae profile emb/ --platemap platemap.csv --pairs known_pairs.csv --align pca-cs --out report/
   cellmae profile emb/ --platemap layout.tsv --control DMSO --batch-column batch --out report/
 """
@@ -32,7 +39,12 @@ HELP = "align embeddings on controls, relate perturbations, report model vs base
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("emb_dir", metavar="EMB_DIR", help="output folder of `cellmae embed`")
-    parser.add_argument("--platemap", required=True, metavar="CSV", help="platemap CSV/TSV")
+    parser.add_argument(
+        "--platemap",
+        default=None,
+        metavar="CSV",
+        help="platemap CSV/TSV (default: the annotations `cellmae embed --platemap` wrote)",
+    )
     parser.add_argument(
         "--out",
         required=True,
@@ -53,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--relationship-column",
         metavar="COLUMN",
         default=None,
-        help="instead of --pairs: perturbations sharing a value of this platemap column "
-        "(e.g. Metadata_Mechanism) are related",
+        help="perturbations sharing a value of this platemap column (e.g. Metadata_Mechanism) "
+        "are related: phenotypic consistency, and the known pairs (unless --pairs)",
     )
     parser.add_argument(
         "--align",
@@ -89,15 +101,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="random control sets in the replicate-consistency null (default: 1000)",
     )
+    parser.add_argument(
+        "--same-plate-replicates",
+        action="store_true",
+        help="count replicates on the query well's own plate as positives of replicate "
+        "retrieval and activity (default: only replicates on other plates; one plate: same)",
+    )
+    parser.add_argument(
+        "--permutations",
+        type=int,
+        default=10000,
+        metavar="N",
+        help="size of copairs' permutation null for the p-values (default: 10000)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the null (default: 0)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..profiling import profile_report
     from ..progress import run as drive
-
-    if args.pairs and args.relationship_column:
-        raise ValueError("give either --pairs or --relationship-column, not both")
     from ._progress import progress_bar
 
     bar, show = progress_bar("profile")
@@ -116,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
                 n_null=args.null_size,
                 seed=args.seed,
                 force=args.force,
+                same_plate=args.same_plate_replicates,
+                null_size=args.permutations,
             ),
             progress=show,
         )

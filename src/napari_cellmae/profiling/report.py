@@ -2,9 +2,9 @@
 
 :func:`profile_report` reads the well (or field) embeddings and the baseline statistics of an
 embedding folder (computing the statistics from the plates when the folder has none), joins the
-platemap, aligns, aggregates and evaluates both with :mod:`napari_cellmae.profile`, and writes
-``report.md``, ``metrics.csv`` and the per-perturbation tables. Also available as
-``napari_cellmae.profile.profile_report``.
+platemap (or uses the annotations ``cellmae embed --platemap`` wrote into the tables), aligns,
+aggregates and evaluates both (:mod:`.alignment`, :mod:`.metrics`), and writes ``report.md``,
+``metrics.csv`` and the per-perturbation tables.
 """
 
 from __future__ import annotations
@@ -18,19 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .profile import (
-    ALIGNMENTS,
-    CONTROL_QUANTILE,
-    RECALL_FRACTION,
-    Evaluation,
-    baseline_pca,
-    evaluate,
-    join_platemap,
-    pairs_from_column,
-    read_pairs,
-    read_platemap,
-)
-from .progress import Progress
+from ..progress import Progress
+from .alignment import ALIGNMENTS, baseline_pca
+from .metrics import CONTROL_QUANTILE, FDR, NULL_SIZE, RECALL_FRACTION, Evaluation, evaluate
+from .platemap import join_platemap, pairs_from_column, read_pairs, read_platemap
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -49,13 +40,33 @@ class ProfileReport:
 
 
 _METRIC_ROWS = (
+    ("replicate_map", "Replicate retrieval mAP ({positives})", "replicate_map_chance"),
+    (
+        "activity_map",
+        "Phenotypic activity: mAP of replicates vs controls ({positives})",
+        "activity_map_chance",
+    ),
+    (
+        "activity_fraction",
+        f"Phenotypic activity: fraction retrieved (BH-corrected p < {FDR})",
+        FDR,
+    ),
     (
         "replicate_consistency",
-        "Replicate consistency: share of perturbations above the control null's 95th percentile",
+        "Replicate consistency: share above the 95th percentile of held-out control sets",
         1 - CONTROL_QUANTILE,
     ),
     ("replicate_cosine", "Mean cosine between replicate wells", None),
-    ("replicate_map", "Replicate retrieval mAP", "replicate_map_chance"),
+    (
+        "consistency_map",
+        "Phenotypic consistency: mAP of perturbations sharing `{relationship}`",
+        "consistency_map_chance",
+    ),
+    (
+        "consistency_fraction",
+        f"Phenotypic consistency: fraction of `{{relationship}}` values retrieved (BH p < {FDR})",
+        FDR,
+    ),
     (
         "relationship_recall",
         "Known-relationship recall (top/bottom 5% of cosines)",
@@ -66,6 +77,9 @@ _METRIC_ROWS = (
 )
 
 
+_FIELD_ONLY = ("Metadata_Site", "Metadata_NCrops", "Metadata_Plane", "Metadata_Timepoint")
+
+
 def _group_mean(df: pd.DataFrame, keys: list[str], columns: list[str]) -> pd.DataFrame:
     return df.groupby(keys, sort=False)[columns].mean().reset_index()
 
@@ -74,8 +88,8 @@ def _features_pass(emb_dir: Path, record: dict[str, Any]):
     """Compute the baseline statistics from the embedded plates (when embedding skipped them)."""
     import pandas as pd
 
-    from .features import feature_names, field_features
-    from .plates import iter_fields, list_fields, scan_plate
+    from ..features import feature_names, field_features
+    from ..plates import iter_fields, list_fields, scan_plate
 
     plates = record.get("plates") or []
     if not plates:
@@ -101,7 +115,7 @@ def load_tables(emb_dir: str | os.PathLike, level: str = "well"):
     Returns ``(model_table, baseline_table, config)``."""
     import pandas as pd
 
-    from .embed import embedding_columns
+    from ..embed import embedding_columns
 
     emb_dir = Path(emb_dir)
     config_path = emb_dir / "config.json"
@@ -121,6 +135,11 @@ def load_tables(emb_dir: str | os.PathLike, level: str = "well"):
         fields = pd.read_parquet(fields_path)
         emb = embedding_columns(fields)
         model = fields if level == "field" else _group_mean(fields, keys, emb)
+        if level == "well":  # the platemap annotations `embed --platemap` wrote into the fields
+            per_well = [c for c in fields.columns if c.startswith("Metadata_") and c not in keys]
+            per_well = [c for c in per_well if c not in _FIELD_ONLY]
+            first = fields.drop_duplicates(keys)[keys + per_well]
+            model = first.merge(model, on=keys, how="right")
     else:
         raise FileNotFoundError(
             f"{emb_dir} has no {'wells' if level == 'well' else 'fields'}.parquet: embed with "
@@ -135,9 +154,31 @@ def load_tables(emb_dir: str | os.PathLike, level: str = "well"):
     return model, baseline, record
 
 
+def table_annotations(table: pd.DataFrame) -> pd.DataFrame:
+    """The platemap that ``cellmae embed --platemap`` joined into an embedding table: its
+    ``Metadata_*`` columns per plate and well, annotated rows only. ValueError (saying how to
+    annotate) when the table carries no perturbation or control column."""
+    missing = [c for c in ("Metadata_Perturbation", "Metadata_IsControl") if c not in table]
+    if missing:
+        raise ValueError(
+            f"the embedding tables carry no {' / '.join(missing)} column: give a platemap "
+            "(CLI: --platemap CSV), or embed with `cellmae embed … --platemap CSV`"
+        )
+    skip = set(_FIELD_ONLY) | {
+        "Metadata_NFields",
+        "Metadata_Crop",
+        "Metadata_CropY",
+        "Metadata_CropX",
+    }
+    columns = [c for c in table.columns if c.startswith("Metadata_") and c not in skip]
+    pm = table[columns].drop_duplicates(["Metadata_Plate", "Metadata_Well"])
+    pm = pm[pm["Metadata_Perturbation"].notna()]
+    return read_platemap(pm.drop(columns=["Metadata_Row", "Metadata_Col"], errors="ignore"))
+
+
 def profile_report(
     emb_dir: str | os.PathLike,
-    platemap: str | os.PathLike | pd.DataFrame,
+    platemap: str | os.PathLike | pd.DataFrame | None,
     out_dir: str | os.PathLike,
     pairs: str | os.PathLike | pd.DataFrame | Sequence[tuple[str, str]] | None = None,
     method: str = "tvn",
@@ -148,6 +189,8 @@ def profile_report(
     n_null: int = 1000,
     seed: int = 0,
     force: bool = False,
+    same_plate: bool = False,
+    null_size: int = NULL_SIZE,
 ):
     """Profile an embedding folder against a platemap: model vs baseline (a progress generator;
     returns :class:`ProfileReport`).
@@ -156,8 +199,9 @@ def profile_report(
     ----------
     emb_dir : path
         Output folder of :func:`napari_cellmae.embed.embed_plates`.
-    platemap : path or DataFrame
+    platemap : path, DataFrame or None
         Plate (optional), well, perturbation, control flag (or ``controls``), batch (optional).
+        None: the annotations ``embed_plates(platemap=…)`` wrote into the tables.
     out_dir : path
         Where ``report.md`` and the tables go.
     pairs : path, DataFrame or list of pairs, optional
@@ -171,30 +215,46 @@ def profile_report(
     controls : list of str, optional
         Perturbation names of the negative controls (when the platemap has no control column).
     relationship_column : str, optional
-        Platemap column whose shared values define related perturbations (instead of ``pairs``).
+        Platemap column whose shared values relate perturbations (e.g. a mechanism or target):
+        phenotypic consistency, and the known pairs of the recall metric (unless ``pairs``).
     n_null, seed
-        Size and seed of the control null of replicate consistency.
+        Size and seed of the held-out control null of replicate consistency (the seed also
+        splits the controls and seeds copairs' null).
+    same_plate : bool
+        Count replicates on the query's own plate as positives (default: other plates only).
+    null_size : int
+        copairs' permutation null (p-values of phenotypic activity and consistency).
     force : bool
         Write into an existing folder cellmae did not make (:mod:`napari_cellmae.outputs`).
     """
-    from .embed import embedding_columns
-    from .store import run_record, write_json_atomic, write_table_atomic, write_text_atomic
+    from ..embed import embedding_columns
+    from ..store import run_record, write_json_atomic, write_table_atomic, write_text_atomic
 
     if method not in ALIGNMENTS:
         raise ValueError(f"unknown alignment {method!r}: choose one of {', '.join(ALIGNMENTS)}")
-    from .outputs import check_output_dir, prepare_output_dir
+    from ..outputs import check_output_dir, prepare_output_dir
 
     inputs = [platemap] if isinstance(platemap, (str, os.PathLike)) else []
     out = check_output_dir(out_dir, "profile", inputs=inputs, force=force)
     yield Progress(0, 4, "reading tables")
     model_table, baseline_table, record = yield from load_tables(emb_dir, level)
-    pm = read_platemap(platemap, controls)
-    if relationship_column:
-        known = pairs_from_column(pm, relationship_column)
-    elif pairs is not None and not isinstance(pairs, (list, tuple)):
-        known = read_pairs(pairs)
+    if platemap is None:
+        pm = table_annotations(model_table)
+        if controls:
+            pm["Metadata_IsControl"] = pm["Metadata_Perturbation"].isin([str(c) for c in controls])
     else:
-        known = list(pairs or [])
+        pm = read_platemap(platemap, controls)
+    if relationship_column:
+        relationship_column = (
+            relationship_column if relationship_column in pm else f"Metadata_{relationship_column}"
+        )
+        known = pairs_from_column(pm, relationship_column)
+    else:
+        known = []
+    if pairs is not None and not isinstance(pairs, (list, tuple)):
+        known = read_pairs(pairs)
+    elif pairs:
+        known = list(pairs)
     batch_column = batch_column or (
         "Metadata_Batch" if "Metadata_Batch" in pm else "Metadata_Plate"
     )
@@ -206,18 +266,32 @@ def profile_report(
     x_model = model[embedding_columns(model)].to_numpy(np.float64)
     x_base = baseline_pca(base.filter(like="feat_").to_numpy(np.float64), x_model.shape[1])
     meta = model[[c for c in model.columns if c.startswith("Metadata_")]]
+    options = {
+        "pairs": known,
+        "n_null": n_null,
+        "seed": seed,
+        "same_plate": same_plate,
+        "relationship_column": relationship_column,
+        "null_size": null_size,
+    }
 
     yield Progress(1, 4, f"aligning ({method}) and evaluating the model")
-    ev_model = evaluate(x_model, meta, method, batch_column, known, n_null, seed)
+    ev_model = evaluate(x_model, meta, method, batch_column, **options)
     yield Progress(2, 4, "aligning and evaluating the baseline")
-    ev_base = evaluate(x_base, meta, method, batch_column, known, n_null, seed)
+    ev_base = evaluate(x_base, meta, method, batch_column, **options)
 
     yield Progress(3, 4, f"writing the report to {out}")
-    metrics = _metrics_table(ev_model, ev_base, bool(known))
+    positives = (
+        "positives: replicates on any plate, its own included"
+        if ev_model.metrics["same_plate"]
+        else "positives: replicates on other plates"
+    )
+    metrics = _metrics_table(ev_model, ev_base, bool(known), positives, relationship_column)
     prepare_output_dir(out, "profile", inputs=inputs, force=force)
     write_table_atomic(metrics, out / "metrics.parquet", csv_twin=True)
     for tag, ev in (("model", ev_model), ("baseline", ev_base)):
         _write_evaluation(out, tag, ev, meta)
+    n_plates = int(meta["Metadata_Plate"].nunique())
     info = {
         "embeddings": str(Path(emb_dir).resolve()),
         "model": record.get("model"),
@@ -227,11 +301,23 @@ def profile_report(
         "alignment": method,
         "level": level,
         "batch_column": batch_column,
+        "platemap": "the annotations in the embedding tables"
+        if platemap is None
+        else (str(platemap) if not hasattr(platemap, "columns") else "a DataFrame"),
+        "replicate_positives": "same-plate" if ev_model.metrics["same_plate"] else "other-plates",
+        "positives": positives
+        + (
+            " (no perturbation has wells on two plates)"
+            if ev_model.metrics["same_plate"] and not same_plate
+            else ""
+        ),
+        "relationship_column": relationship_column,
         "n_rows": len(meta),
         "n_unannotated": model.attrs.get("n_unannotated", 0),
         "n_controls": int(meta["Metadata_IsControl"].sum()),
         "n_perturbations": len(ev_model.names),
         "n_batches": int(meta[batch_column].nunique()),
+        "n_plates": n_plates,
         "n_pairs": len(known),
         "baseline": f"PCA ({x_base.shape[1]} components) of {base.filter(like='feat_').shape[1]} "
         "per-channel intensity/texture statistics (napari_cellmae.features)",
@@ -239,25 +325,34 @@ def profile_report(
     markdown = _markdown(info, metrics, ev_model, ev_base)
     write_text_atomic(out / "report.md", markdown)
     write_json_atomic(
-        out / "config.json", run_record(command="profile", **info, n_null=n_null, seed=seed)
+        out / "config.json",
+        run_record(command="profile", **info, n_null=n_null, null_size=null_size, seed=seed),
     )
     yield Progress(4, 4, "report written")
     return ProfileReport(out, metrics, markdown, ev_model, ev_base, meta)
 
 
-def _metrics_table(ev_model: Evaluation, ev_base: Evaluation, with_pairs: bool) -> pd.DataFrame:
+def _metrics_table(
+    ev_model: Evaluation,
+    ev_base: Evaluation,
+    with_pairs: bool,
+    positives: str = "",
+    relationship: str | None = None,
+) -> pd.DataFrame:
     import pandas as pd
 
     rows = []
     for key, label, chance in _METRIC_ROWS:
         if key.startswith("relationship") and not with_pairs:
             continue
+        if key.startswith("consistency_") and not relationship:
+            continue
         if isinstance(chance, str):
             chance = ev_model.metrics.get(chance)
         rows.append(
             {
                 "metric": key,
-                "description": label,
+                "description": label.format(positives=positives, relationship=relationship),
                 "model": ev_model.metrics.get(key, np.nan),
                 "baseline": ev_base.metrics.get(key, np.nan),
                 "chance": np.nan if chance is None else float(chance),
@@ -269,7 +364,7 @@ def _metrics_table(ev_model: Evaluation, ev_base: Evaluation, with_pairs: bool) 
 def _write_evaluation(out: Path, tag: str, ev: Evaluation, meta: pd.DataFrame) -> None:
     import pandas as pd
 
-    from .store import write_table_atomic
+    from ..store import write_table_atomic
 
     cols = [f"pc_{i:04d}" for i in range(ev.aligned.shape[1])]
     aligned = pd.concat(
@@ -283,6 +378,8 @@ def _write_evaluation(out: Path, tag: str, ev: Evaluation, meta: pd.DataFrame) -
         sim[["Metadata_Perturbation", *ev.names]], out / f"similarity_{tag}.parquet", csv_twin=True
     )
     write_table_atomic(ev.replicates, out / f"replicates_{tag}.parquet", csv_twin=True)
+    if ev.consistency is not None:
+        write_table_atomic(ev.consistency, out / f"consistency_{tag}.parquet", csv_twin=True)
     if ev.pairs is not None:
         write_table_atomic(ev.pairs, out / f"pairs_{tag}.parquet", csv_twin=True)
 
@@ -317,16 +414,33 @@ def _markdown(
         f"- Embeddings: `{info['embeddings']}` — model {info['model']} (checksum "
         f"`{str(info['model_checksum'])[:12]}…`), pooling {info['pooling']}, block {info['block']}",
         f"- Baseline: {info['baseline']}",
+        f"- Annotations: {info['platemap']}",
         f"- Alignment: {info['alignment']} on negative controls per `{info['batch_column']}` "
         f"({info['n_batches']} batch{'es' * (info['n_batches'] != 1)}); level: {info['level']}",
         f"- {info['n_rows']} {info['level']}s annotated ({info['n_controls']} controls, "
-        f"{info['n_perturbations']} perturbations); {info['n_unannotated']} without an annotation "
+        f"{info['n_perturbations']} perturbations, {info['n_plates']} "
+        f"plate{'s' * (info['n_plates'] != 1)}); {info['n_unannotated']} without an annotation "
         f"left out; {info['n_pairs']} known relationship pairs",
+        f"- Replicate retrieval and phenotypic activity ({'copairs'}, cosine): "
+        f"{info['positives']}. Activity ranks replicates against the controls only; p-values "
+        "from copairs' permutation null, Benjamini–Hochberg over the perturbations.",
+        "- Replicate consistency: the alignment is refit on half of each batch's controls and "
+        "the null drawn from the other half (controls the alignment never saw).",
+    ]
+    if info["relationship_column"]:
+        lines.append(
+            f"- Phenotypic consistency (copairs): aggregated perturbation profiles retrieved "
+            f"against each other, positives share `{info['relationship_column']}`; "
+            "BH over its values."
+        )
+    lines += [
         "",
-        "Tables: `metrics.csv`, `replicates_{model,baseline}.csv` (per perturbation: replicate "
-        "cosine, control-null threshold, p-value, mAP), `similarity_{model,baseline}.csv` "
-        "(perturbation × perturbation cosine), `pairs_{model,baseline}.csv` (annotated pairs), "
-        "`profiles_*.parquet` (aggregated aligned profiles), `aligned_*.parquet` (aligned rows).",
+        "Tables: `metrics.csv`, `replicates_{model,baseline}.csv` (per perturbation: retrieval "
+        "mAP, activity mAP / p-value / corrected p-value, held-out consistency), "
+        "`consistency_{model,baseline}.csv` (per relationship value), "
+        "`similarity_{model,baseline}.csv` (perturbation × perturbation cosine), "
+        "`pairs_{model,baseline}.csv` (annotated pairs), `profiles_*.parquet` (aggregated "
+        "aligned profiles), `aligned_*.parquet` (aligned rows).",
         "",
     ]
     return "\n".join(lines)

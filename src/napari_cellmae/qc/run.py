@@ -496,7 +496,8 @@ def write_report(
 
 def _made_by_mirror(target: Path, source: Path, mode: str | None) -> bool:
     """Whether ``target`` is still what the mirror made from ``source``: a symlink to it, a hard
-    link of it, or an unchanged copy (size and modification time kept by the copy)."""
+    link of it, or an unchanged copy (same size and the same bytes: a modification time kept by
+    the copy cannot tell an edit made within the same second)."""
     if target.is_symlink():
         return mode in (None, "symlink") and Path(os.readlink(target)) == source.resolve()
     if not target.is_file() or not source.is_file():
@@ -504,8 +505,11 @@ def _made_by_mirror(target: Path, source: Path, mode: str | None) -> bool:
     if mode in (None, "hard") and os.path.samefile(target, source):
         return True
     if mode in (None, "copy"):
-        a, b = target.stat(), source.stat()
-        return a.st_size == b.st_size and int(a.st_mtime) == int(b.st_mtime)
+        import filecmp
+
+        if target.stat().st_size != source.stat().st_size:
+            return False
+        return filecmp.cmp(target, source, shallow=False)
     return False
 
 

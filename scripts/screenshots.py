@@ -90,8 +90,10 @@ def save_window(viewer, name: str) -> Path:
 
 @shot
 def panel() -> None:
-    """The main panel docked in napari, as `napari -w napari-cellmae` opens it."""
+    """The main panel docked in napari, as `napari -w napari-cellmae` opens it, beside the real
+    sample field (File → Open Sample → CellMAE → BBBC022 Cell Painting)."""
     viewer = _viewer()
+    viewer.open_sample("napari-cellmae", "bbbc022-field")
     viewer.window.add_plugin_dock_widget("napari-cellmae", "CellMAE")
     save_window(viewer, "panel")
     viewer.close()
@@ -170,7 +172,7 @@ def reconstruct() -> None:
     real = ROOT.parent / "shared" / "data" / "real"
     os.environ["CELLMAE_HOME"] = tempfile.mkdtemp()  # channel names stay out of the user's cache
     viewer = _viewer()
-    viewer.window._qt_window.resize(1900, 950)  # three views side by side need the width
+    viewer.window._qt_window.resize(1900, 950)  # four views side by side need the width
     _dock, panel = viewer.window.add_plugin_dock_widget("napari-cellmae", "CellMAE")
     panel.model_picker.set_source(source)
     load = panel.tabs["Load"]

@@ -3,7 +3,10 @@
 A copy of the real transfluor plate (72 fields, ``../shared/data/real/transfluor-plate``) in a
 temporary folder with 4 spoilt fields (severity 4: O03 site 2 defocus, O08 site 3 debris, O13
 site 1 empty, O19 site 1 vignetting), measured once with the bundled model and the head (default:
-the shipped one). Printed, at the default threshold (0.5):
+the shipped one). Printed, at the default threshold (0.5) when the head raises false alarms there;
+else (``--threshold auto``, the default) at a stricter threshold a user might set, halfway between
+the 3rd and 4th highest scores of the clean fields (3 false alarms to relabel; labels are held at
+that threshold, as the QC tab holds them at its slider):
 
 1. the flags; then after one false positive (O24 site 2 when flagged, else the first) is marked
    *ok*: with the old retraining (a logistic regression refitted on the head's memory plus the
@@ -52,11 +55,34 @@ def spoilt_copy(folder: Path) -> Path:
     return plate
 
 
-def flags(result, head) -> dict[tuple[str, int], str]:
-    """Flagged field -> class, at the default threshold."""
+THRESHOLD = 0.5  # set by main()
+
+
+def pick_threshold(result, head, wanted: str) -> float:
+    """``wanted`` as a number, or "auto": 0.5 when the head has false alarms there, else halfway
+    between the 3rd and 4th highest clean-field scores."""
     from napari_cellmae.qc.run import judge
 
-    _, fields = judge(result, head=head)
+    if wanted != "auto":
+        return float(wanted)
+    _, fields = judge(result, head=head, threshold=0.5)
+    keys = list(zip(fields["Metadata_Well"], fields["Metadata_Site"].astype(int)))
+    clean = np.sort(fields["QC_Score"].to_numpy()[[k not in TRUTH for k in keys]])[::-1]
+    return 0.5 if clean[0] >= 0.5 else float((clean[2] + clean[3]) / 2)
+
+
+def retrain(head, x, labels, context=None):
+    """The QC tab's Retrain: ``adapt_head`` holding the labels at the threshold in use."""
+    from napari_cellmae.qc.adapt import adapt_head
+
+    return adapt_head(head, x, labels, context=context, threshold=THRESHOLD)
+
+
+def flags(result, head) -> dict[tuple[str, int], str]:
+    """Flagged field -> class, at the threshold in use."""
+    from napari_cellmae.qc.run import judge
+
+    _, fields = judge(result, head=head, threshold=THRESHOLD)
     return {
         (r.Metadata_Well, int(r.Metadata_Site)): r.QC_Class
         for r in fields.itertuples()
@@ -94,8 +120,6 @@ def describe(tag: str, flagged: dict, before: dict | None = None, truth: dict = 
 
 
 def relabel(result, head) -> None:
-    from napari_cellmae.qc.head import retrain
-
     x = result.features
     before = flags(result, head)
     describe("shipped head", before)
@@ -120,7 +144,6 @@ def relabel(result, head) -> None:
 
 def active(result, head, rounds: int) -> None:
     from napari_cellmae.plates.scan import field_keys
-    from napari_cellmae.qc.head import retrain
     from napari_cellmae.qc.run import judge
     from napari_cellmae.qc.suggest import suggest_fields
 
@@ -132,10 +155,10 @@ def active(result, head, rounds: int) -> None:
         current = head
         trail = []
         for _ in range(rounds):
-            images, fields = judge(result, head=current)
+            images, fields = judge(result, head=current, threshold=THRESHOLD)
             if strategy == "suggest_fields":
                 done = [k for k in fields[keys].itertuples(index=False) if tuple(k)[-2:] in labels]
-                pick = suggest_fields(images, fields, keys, n=1, exclude=done)
+                pick = suggest_fields(images, fields, keys, n=1, exclude=done, threshold=THRESHOLD)
                 key = (pick["Metadata_Well"].iloc[0], int(pick["Metadata_Site"].iloc[0]))
             else:
                 cand = fields[fields["QC_Flag"]].sort_values("QC_Score", ascending=False)
@@ -181,8 +204,8 @@ def train_from_plate(model, head, n_fields: int) -> None:
 
     keep = better_head(report)
     print(f"the QC tab keeps: {keep} head (train + compare {seconds:.0f} s)")
-    clean = run(measure_plate(str(REAL), model, head))
-    for name, h in heads.items():
+    for name, h in heads.items():  # each head's own features (their specs may differ)
+        clean = run(measure_plate(str(REAL), model, h))
         describe(f"{name} head on the clean plate", flags(clean, h), truth={})
 
 
@@ -192,7 +215,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--rounds", type=int, default=5, help="active labelling rounds")
     parser.add_argument("--n-fields", type=int, default=4, help="Train head from plate fields")
+    parser.add_argument(
+        "--threshold", default="auto", help="head threshold, or auto (see the module doc)"
+    )
     args = parser.parse_args(argv)
+    global THRESHOLD
 
     import torch
 
@@ -206,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     head = QCHead.load(args.head)
     with tempfile.TemporaryDirectory() as tmp:
         result = run(measure_plate(str(spoilt_copy(Path(tmp))), model, head))
+    THRESHOLD = pick_threshold(result, head, args.threshold)
+    print(f"threshold {THRESHOLD:.3f}")
     relabel(result, head)
     active(result, head, args.rounds)
     train_from_plate(model, head, args.n_fields)

@@ -18,7 +18,10 @@ plate-relative features of a head that uses them, are taken within it):
    (defocused vs sharp).
 
 The baseline is :func:`napari_cellmae.qc.baseline.baseline_flags` at its default z threshold
-(score: the largest rule z). Features are measured and embedded once per image and cached by the
+(score: the largest rule z). The head is judged as ``cellmae qc`` judges with it: each artefact
+class weighed by the classic evidence of its plate
+(:func:`napari_cellmae.qc.baseline.with_classic_evidence`); ``--head-alone`` judges the bare
+head. Features are measured and embedded once per image and cached by the
 training script (``$CELLMAE_QC_CACHE``, default ``/tmp/cellmae-qc-cache``); a first run takes
 about 15 min on one CPU core, a cached one about a minute. ``--head`` also judges every source
 with a given head file (default: the shipped head, which has seen every source).
@@ -54,16 +57,27 @@ THRESHOLD = 0.5
 LABEL_COUNTS = (1, 5, 10, 25, 50)
 
 
-def _baseline(table):
-    """Baseline class scores (N, 7 in CLASSES order, column 0 = −score) and flags."""
-    from napari_cellmae.qc.baseline import BASELINE_CLASSES, baseline_flags
-    from napari_cellmae.qc.head import CLASSES
+# True: the head's classes weighed by their classic evidence, as `cellmae qc` and the QC tab
+# judge (napari_cellmae.qc.baseline.with_classic_evidence); False (--head-alone): the bare head
+EVIDENCE = True
+
+
+def _baseline_table(table):
+    from napari_cellmae.qc.baseline import baseline_flags
 
     t = table.copy()
     t["Metadata_Plate"] = t["plate"]
     t["Metadata_Channel"] = t["group"]
-    base = baseline_flags(t.reset_index(drop=True))
-    scores = np.zeros((len(t), len(CLASSES)))
+    return baseline_flags(t.reset_index(drop=True))
+
+
+def _baseline(table):
+    """Baseline class scores (N, 7 in CLASSES order, column 0 = −score) and flags."""
+    from napari_cellmae.qc.baseline import BASELINE_CLASSES
+    from napari_cellmae.qc.head import CLASSES
+
+    base = _baseline_table(table)
+    scores = np.zeros((len(table), len(CLASSES)))
     scores[:, 0] = -base["QC_Baseline_Score"].to_numpy()
     for cls in BASELINE_CLASSES:
         scores[:, CLASSES.index(cls)] = base[f"QC_Baseline_{cls}"].to_numpy()
@@ -71,11 +85,16 @@ def _baseline(table):
 
 
 def _head(head, table, emb):
-    """Head probabilities (N, 7) and flags of a scenario table (plates in ``plate``)."""
+    """Head probabilities (N, 7) and flags of a scenario table (plates in ``plate``), with the
+    classic evidence of each plate unless ``EVIDENCE`` is off."""
+    from napari_cellmae.qc.baseline import with_classic_evidence
+
     t = table.copy()
     t["group"] = t["plate"]  # plate-relative features (if the head has them) within each plate,
     # against all of its images, as at QC time (not knowing which are clean)
     p = head.predict_proba(features(t, emb, head.spec, np.ones(len(t), bool)))
+    if EVIDENCE:
+        p = with_classic_evidence(p, _baseline_table(table))
     return p, 1 - p[:, 0] > THRESHOLD
 
 
@@ -142,14 +161,17 @@ def judge_source(head, scen) -> dict[str, float]:
         res[f"base_{kind}_fp"] = float(_baseline(t)[1].mean())
         res[f"n_{kind}"] = len(t)
     t, e = scen["synthetic"]
-    p, _ = _head(head, t, e)
-    b, _ = _baseline(t)
+    p, flag = _head(head, t, e)
+    b, bflag = _baseline(t)
     y = t["qc_class"].to_numpy()
     for k, cls in enumerate(CLASSES):
         if cls == "ok":
             continue
         res[f"head_auc_{cls}"] = _auc(y == cls, p[:, k])
         res[f"base_auc_{cls}"] = _auc(y == cls, b[:, k])
+        res[f"n_{cls}"] = int((y == cls).sum())  # flagged at the default thresholds
+        res[f"head_caught_{cls}"] = int(flag[y == cls].sum())
+        res[f"base_caught_{cls}"] = int(bflag[y == cls].sum())
     t, e = scen["defocus"]
     p, flag = _head(head, t, e)
     b, bflag = _baseline(t)
@@ -215,6 +237,16 @@ def print_tables(results: dict[str, dict[str, float]], title: str) -> None:
     allh = np.nanmean([r[f"head_auc_{c}"] for r in results.values() for c in ARTEFACT_CLASSES])
     allb = np.nanmean([r[f"base_auc_{c}"] for r in results.values() for c in ARTEFACT_CLASSES])
     print(f"mean ROC-AUC head {allh:.3f} vs baseline {allb:.3f}; head ahead on {wins}/{total}")
+    caught = []
+    for cls in ARTEFACT_CLASSES:
+        n = sum(r[f"n_{cls}"] for r in results.values())
+        h = sum(r[f"head_caught_{cls}"] for r in results.values()) / max(n, 1)
+        b = sum(r[f"base_caught_{cls}"] for r in results.values()) / max(n, 1)
+        caught.append(f"{cls} {h:.0%} / {b:.0%} of {n}")
+    print(
+        "synthetic artefacts flagged at the default threshold (head / baseline): "
+        + "; ".join(caught)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--ok-prior", type=float, default=OK_PRIOR, help="of the LOSO heads")
     parser.add_argument("--label-curve", action="store_true", help="also the label curve")
+    parser.add_argument(
+        "--head-alone",
+        action="store_true",
+        help="judge the bare head, without the classic evidence that QC runs weigh it with",
+    )
     args = parser.parse_args(argv)
+    global EVIDENCE
+    EVIDENCE = not args.head_alone
     if args.threads:
         import torch
 
@@ -258,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
             ok_prior=args.ok_prior,
         )
         loso[s] = judge_source(head, scen[s])
-    print_tables(loso, "leave-one-source-out: each source judged by a head trained without it")
+    how = "the bare head" if args.head_alone else "head × classic evidence, as QC runs judge"
+    print_tables(
+        loso, f"leave-one-source-out: each source judged by a head trained without it ({how})"
+    )
     shipped = QCHead.load(args.head)
     if shipped.matches(model):
         print_tables(

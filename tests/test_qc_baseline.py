@@ -181,3 +181,67 @@ def test_classic_mode_on_a_majority_defocus_plate_does_not_flag_sharp_fields(tra
     assert flag[blurred].mean() >= 0.2  # measured 0.28 (5 of 18; the old rules: 0 of 18)
     assert set(out["QC_Baseline_Class"][flag]) == {"blur"}
     assert auc >= 0.9  # the field score ranks the defocused fields above the sharp ones
+
+
+# -- the head's verdict with classic evidence -----------------------------------------------------
+def _head_p(n: int, **classes: float) -> np.ndarray:
+    """Head probabilities (n, 7 in CLASSES order), the same for every image."""
+    from napari_cellmae.qc.head import CLASSES
+
+    p = np.zeros((n, len(CLASSES)))
+    for cls, v in classes.items():
+        p[:, CLASSES.index(cls)] = v
+    p[:, 0] = 1 - p.sum(axis=1)
+    return p
+
+
+def test_a_head_that_takes_a_new_sources_clean_fields_for_artefacts_needs_classic_evidence(
+    transfluor,
+):
+    """Leave-one-source-out, a head that had not seen transfluor called 92% of its clean fields
+    background or debris (here 1 − P(ok) = 0.8 on every one). Weighed by the classic evidence of
+    the plate, at most 5% of them stay flagged; fields really spoilt with debris, uneven
+    background or noise in the same plate stay flagged with the class the head gives them."""
+    from napari_cellmae.qc.artefacts import apply_artefact
+    from napari_cellmae.qc.head import CLASSES
+    from napari_cellmae.qc.metrics import measure
+
+    images, table = transfluor
+    spoilt = {"debris": 4, "background": 4, "noise": 3}
+    rows = [table.filter(like="QC_")]
+    for k, (kind, sev) in enumerate(spoilt.items()):
+        im = apply_artefact(images[10 * k + 5], kind, sev, seed=k)
+        rows.append(pd.DataFrame([{f"QC_{n}": float(v[0]) for n, v in measure(im).items()}]))
+    plate = pd.concat(rows, ignore_index=True).assign(Metadata_Plate="T", Metadata_Channel="GFP")
+    base = bl.baseline_flags(plate)
+    p = np.concatenate(
+        [_head_p(72, background=0.45, debris=0.35), *(_head_p(1, **{c: 0.9}) for c in spoilt)]
+    )
+    q = bl.with_classic_evidence(p, base)
+    assert np.allclose(q.sum(axis=1), 1.0) and (q >= 0).all()
+    flag = 1 - q[:, 0] > 0.5
+    assert (1 - p[:, 0] > 0.5).all()  # the bare head: every field flagged
+    assert flag[:72].sum() <= 0.05 * 72, base.iloc[np.flatnonzero(flag[:72])]
+    assert flag[72:].all(), base.iloc[72:]  # the spoilt ones stay flagged ...
+    said = [CLASSES[1 + int(np.argmax(r[1:]))] for r in q[72:]]
+    assert said == list(spoilt), said  # ... for what the head sees wrong with them
+
+
+def test_classic_evidence_leaves_blur_to_the_head_and_centres_on_evidence_z():
+    """Blur and noise are the head's alone (a mostly defocused plate is no evidence against
+    blur); debris, background, saturation and empty get half their weight where the classic
+    score is EVIDENCE_Z, nearly all well beyond it."""
+    rng = np.random.default_rng(1)
+    bright = 0.6 * np.exp(rng.normal(0, 0.02, 10))
+    bright[9] *= 10  # image 9: objects 10× brighter than the plate's
+    plate = _table([-2.0] * 10, MaxIntensity=bright)
+    base = bl.baseline_flags(plate)
+    p = _head_p(10, blur=0.3, noise=0.1, empty=0.05, debris=0.45)
+    q = bl.with_classic_evidence(p, base)
+    assert np.allclose(q[:, [1, 4]], [0.3, 0.1])  # blur and noise untouched
+    assert q[:9, 5].max() < 0.01  # empty weighed like debris
+    assert q[:9, 3].max() < 0.2 and q[9, 3] > 0.44  # debris only where the classic rules see it
+    at = bl.with_classic_evidence(p, base, centre=float(base["QC_Baseline_Score"].iloc[9]))
+    assert np.isclose(at[9, 3], 0.45 / 2)
+    with pytest.raises(ValueError, match="do not match"):
+        bl.with_classic_evidence(p[:3], base)

@@ -401,3 +401,57 @@ def fit_calibration(
         if rate <= target_rate:
             return cal
     return Calibration(float(Z_GRID[-1]), gates, plate_limit)
+
+
+# -- the head's verdict with classic evidence --------------------------------------------------
+# The head's debris, background, saturation and empty count only as far as the classic rules see
+# something wrong with the image: P(class) × sigmoid(EVIDENCE_SLOPE · (classic score −
+# EVIDENCE_Z)), the weight taken off going to "ok". The classic score (QC_Baseline_Score: the
+# largest plate z-score or gate score, in z units, at the default threshold) says whether the
+# image is off; the head says what is wrong with it (the classic rules often name another class:
+# synthetic debris on transfluor reads as saturation). Leave-one-source-out
+# (benchmarks/eval_qc.py, docs/qc.md) the bare head flags 47% of the clean fields of a source it
+# has not seen, mostly as "background" and "debris" (8-bit transfluor and ExampleHuman, whose
+# embeddings differ from every other source's); weighed so, 1.2%, at the same ROC-AUC, but it
+# then also flags fewer mild debris, background and empty artefacts (the table in docs/qc.md).
+# EVIDENCE_Z = 2 was the best of 0–3.2 on that table (every source together, none judged alone).
+# Blur and noise are left to the head: they did not fire on unseen clean sources, what the head
+# learnt for them is plate-independent (the slope of the power spectrum, the spread of the
+# typical pixel), and the classic z-scores of a mostly-defocused plate can take its blurred
+# majority for the norm. Empty is not: left to the head, it called 43% of the thinned (sparse,
+# ok) transfluor fields empty leave-one-source-out.
+EVIDENCE_Z = 2.0
+EVIDENCE_SLOPE = 1.0
+HEAD_ONLY_CLASSES = ("blur", "noise")
+
+
+def with_classic_evidence(
+    proba: np.ndarray,
+    base: pd.DataFrame,
+    centre: float = EVIDENCE_Z,
+    slope: float = EVIDENCE_SLOPE,
+    classes: Sequence[str] | None = None,
+) -> np.ndarray:
+    """The head's probabilities (N, K; columns ``classes``, default the head's CLASSES order)
+    with each artefact class but :data:`HEAD_ONLY_CLASSES` weighed by the classic evidence that
+    the image is off (see above); the weight taken off goes to "ok", so rows still sum to 1.
+    ``base``: :func:`baseline_flags` of the same images (same row order) at the default threshold
+    :data:`DEFAULT_Z` (gate scores depend on it). In a plate/channel group too small for plate
+    z-scores (fewer than MIN_ANCHOR plausible images) only the gates give evidence.
+    """
+    from .head import CLASSES
+
+    classes = tuple(classes or CLASSES)
+    p = np.asarray(proba, np.float64)
+    if p.shape != (len(base), len(classes)):
+        raise ValueError(f"probabilities {p.shape} do not match {len(base)} baseline rows.")
+    score = np.nan_to_num(base["QC_Baseline_Score"].to_numpy(np.float64))
+    weight = 1.0 / (1.0 + np.exp(-slope * (score - centre)))
+    q = p.copy()
+    for k, cls in enumerate(classes):
+        if cls != "ok" and cls not in HEAD_ONLY_CLASSES:
+            q[:, k] = p[:, k] * weight
+    if "ok" in classes:
+        k = classes.index("ok")
+        q[:, k] = 1.0 - (q.sum(axis=1) - q[:, k])
+    return q

@@ -180,7 +180,7 @@ def test_suggested_fields_are_the_least_sure_and_labelling_them_fixes_verdicts(m
         return len(flagged ^ SPOILT)
 
     assert wrong(_flagged(result, new, t)) < wrong(_flagged(result, head, t))
-    assert _flagged(result, new) >= SPOILT
+    assert _flagged(result, new, t) >= SPOILT
 
 
 def test_heads_are_compared_on_other_fields_of_the_plate(measured, real_data):

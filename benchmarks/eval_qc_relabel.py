@@ -39,20 +39,9 @@ TRUTH = {("O03", 2): "blur", ("O08", 3): "debris", ("O13", 1): "empty", ("O19", 
 
 
 def spoilt_copy(folder: Path) -> Path:
-    import tifffile
+    from napari_cellmae.qc.artefacts import spoil_copy
 
-    from napari_cellmae.plates import read_image
-    from napari_cellmae.qc.artefacts import apply_artefact
-
-    plate = folder / "transfluor-spoilt"
-    plate.mkdir()
-    for i, path in enumerate(sorted(REAL.glob("*.TIF"))):
-        image = read_image(path)[0]
-        kind = next((k for key, k in SPOIL.items() if f"_{key}d" in path.name), None)
-        if kind:
-            image = apply_artefact(image, kind, 4, seed=i)
-        tifffile.imwrite(plate / path.name, image)
-    return plate
+    return spoil_copy(REAL.glob("*.TIF"), folder / "transfluor-spoilt", SPOIL)
 
 
 THRESHOLD = 0.5  # set by main()

@@ -279,10 +279,7 @@ def qc() -> None:
     import os
     import tempfile
 
-    import tifffile
-
-    from napari_cellmae.plates import read_image
-    from napari_cellmae.qc.artefacts import apply_artefact
+    from napari_cellmae.qc.artefacts import spoil_copy
 
     real = ROOT.parent / "shared" / "data" / "real" / "transfluor-plate"
     tmp = Path(tempfile.mkdtemp())
@@ -293,14 +290,7 @@ def qc() -> None:
         "O13f00": "empty", "O15f02": "background", "O17f01": "gaussian_blur",
         "O19f00": "vignetting", "O21f02": "debris", "O23f01": "defocus",
     }  # fmt: skip
-    plate = tmp / "transfluor-with-artefacts"
-    plate.mkdir()
-    for i, path in enumerate(sorted(real.glob("*.TIF"))):
-        image = read_image(path)[0]
-        kind = next((k for key, k in spoil.items() if f"_{key}d" in path.name), None)
-        if kind:
-            image = apply_artefact(image, kind, 4, seed=i)
-        tifffile.imwrite(plate / path.name, image)
+    plate = spoil_copy(real.glob("*.TIF"), tmp / "transfluor-with-artefacts", spoil)
 
     viewer = _viewer()
     viewer.window._qt_window.resize(1700, 1000)

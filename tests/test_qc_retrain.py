@@ -21,24 +21,16 @@ SPOILT = {("O03", 2), ("O08", 3), ("O13", 1), ("O19", 1)}
 def measured(real_data, tmp_path_factory):
     """(QCResult, shipped head, bundled model) of the transfluor plate copy with 4 spoilt
     fields (severity 4)."""
-    import tifffile
     import torch
 
     from napari_cellmae import load_model
-    from napari_cellmae.plates import read_image
     from napari_cellmae.progress import run
     from napari_cellmae.qc import QCHead
-    from napari_cellmae.qc.artefacts import apply_artefact
+    from napari_cellmae.qc.artefacts import spoil_copy
     from napari_cellmae.qc.run import measure_plate
 
-    plate = tmp_path_factory.mktemp("spoilt") / "transfluor"
-    plate.mkdir()
-    for i, path in enumerate(sorted((real_data / "transfluor-plate").glob("*.TIF"))):
-        image = read_image(path)[0]
-        kind = next((k for key, k in SPOIL.items() if f"_{key}d" in path.name), None)
-        if kind:
-            image = apply_artefact(image, kind, 4, seed=i)
-        tifffile.imwrite(plate / path.name, image)
+    files = (real_data / "transfluor-plate").glob("*.TIF")
+    plate = spoil_copy(files, tmp_path_factory.mktemp("spoilt") / "transfluor", SPOIL)
     model = load_model(device="cpu", encoder_only=True)  # the bundled model
     head = QCHead.load()
     threads = torch.get_num_threads()

@@ -469,3 +469,31 @@ def apply_artefact(
             y = recipe.func(x, level, rng)
         out[c] = _from_unit(y, arr.dtype)
     return out[0] if squeeze else out
+
+
+def spoil_copy(
+    files: Sequence[Any],
+    folder: Any,
+    spoil: dict[str, str],
+    severity: int = 4,
+) -> Any:
+    """Copy single-plane image ``files`` into ``folder`` (created), putting artefact
+    ``spoil[key]`` into each file whose name contains ``_<key>`` followed by the channel tag
+    ``d`` (Cellomics names: ``{"O03f01": "defocus"}`` spoils well O03, field 01), at
+    ``severity``, seeded by the file's position. The originals are only read. Returns ``folder``
+    as a Path: a plate with known artefacts, for demonstrations, tests and benchmarks."""
+    from pathlib import Path
+
+    import tifffile
+
+    from ..plates import read_image
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(sorted(Path(f) for f in files)):
+        image = read_image(path)[0]
+        kind = next((k for key, k in spoil.items() if f"_{key}d" in path.name), None)
+        if kind:
+            image = apply_artefact(image, kind, severity, seed=i)
+        tifffile.imwrite(out / path.name, image)
+    return out

@@ -176,12 +176,18 @@ def resolve_channels(
 # ----------------------------------------------------------------------------------------------
 # Masks, standardisation and stitching
 # ----------------------------------------------------------------------------------------------
-def _draw_masks(
-    n: int, channels: int, tokens: int, mask_ratio: float, seed: int, hidden: Sequence[int] = ()
+def field_mask(
+    channels: int,
+    grid: tuple[int, int],
+    mask_ratio: float,
+    seed: int,
+    hidden: Sequence[int] = (),
 ) -> np.ndarray:
-    """(n, C, tokens) bool, True = hidden: every token of the ``hidden`` channels, and in each of
-    the n draws ``mask_ratio`` of the other channels' tokens, drawn together (as MAE masking
-    does) with the seed. Every draw hides the same count."""
+    """(C, gh, gw) bool, True = hidden: ONE mask on the field's own patch grid (gh × gw patches of
+    the padded field). Every patch of the ``hidden`` channels is hidden; of the other channels'
+    patches ``int(N · (1 − mask_ratio))`` are kept, drawn together (as MAE masking does) with the
+    seed. Overlapping crops cut their masks from it, so a patch is hidden in every crop that sees
+    it, or in none."""
     if not 0.0 <= float(mask_ratio) < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
     hidden = sorted(set(hidden))
@@ -191,41 +197,17 @@ def _draw_masks(
             f"All {channels} channels are hidden: the model needs at least one channel to see. "
             "Hide fewer channels."
         )
+    tokens = grid[0] * grid[1]
     m = len(visible) * tokens
     keep = int(m * (1.0 - float(mask_ratio)))  # the model's own rule: int(L · (1 − ratio)) kept
     if keep < 1:
         raise ValueError(f"mask_ratio {mask_ratio} hides every patch: use a smaller ratio.")
     rng = np.random.default_rng(int(seed))
-    order = np.argsort(rng.random((n, m)), axis=1)
-    flat = np.zeros((n, m), dtype=bool)
-    np.put_along_axis(flat, order[:, keep:], True, axis=1)
-    masks = np.ones((n, channels, tokens), dtype=bool)
-    masks[:, visible] = flat.reshape(n, len(visible), tokens)
-    return masks
-
-
-def make_masks(
-    n: int, channels: int, grid: int, mask_ratio: float, seed: int, hidden: Sequence[int] = ()
-) -> np.ndarray:
-    """(n, C, grid, grid) bool, True = hidden: one mask per crop (see :func:`_draw_masks`), the
-    same for any batch size or device. Every crop hides the same count."""
-    return _draw_masks(n, channels, grid * grid, mask_ratio, seed, hidden).reshape(
-        n, channels, grid, grid
-    )
-
-
-def field_mask(
-    channels: int,
-    grid: tuple[int, int],
-    mask_ratio: float,
-    seed: int,
-    hidden: Sequence[int] = (),
-) -> np.ndarray:
-    """(C, gh, gw) bool, True = hidden: ONE mask on the field's own patch grid (gh × gw patches of
-    the padded field), ``mask_ratio`` of the visible channels' patches hidden. Overlapping crops
-    cut their masks from it, so a patch is hidden in every crop that sees it, or in none."""
-    gh, gw = grid
-    return _draw_masks(1, channels, gh * gw, mask_ratio, seed, hidden).reshape(channels, gh, gw)
+    flat = np.zeros(m, dtype=bool)
+    flat[np.argsort(rng.random(m))[keep:]] = True
+    masks = np.ones((channels, tokens), dtype=bool)
+    masks[visible] = flat.reshape(len(visible), tokens)
+    return masks.reshape(channels, *grid)
 
 
 def blend_starts(size: int, crop: int, patch: int, min_overlap: int) -> np.ndarray:

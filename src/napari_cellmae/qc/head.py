@@ -49,7 +49,6 @@ HEADS_DIR = Path(__file__).parent / "heads"
 DEFAULT_HEAD = HEADS_DIR / "default.npz"
 MEMORY_PER_CLASS = 40
 DEFAULT_C = 0.1
-LABEL_WEIGHT = 10.0  # a new label counts as this many memory samples
 MAD_TO_SD = 1.4826
 Z_FLOOR = 0.2  # smallest spread of a metric feature (log10 units) in the plate z-scores
 Z_CLIP = 10.0

@@ -244,7 +244,7 @@ def _read_tiff(
     return data.reshape(-1, data.shape[-2], data.shape[-1]), layout
 
 
-def _one_file_per_field(index: pd.DataFrame) -> bool:
+def one_file_per_field(index: pd.DataFrame) -> bool:
     """True when the plate has one channel id: its file may hold the field's channels."""
     return len(index_channels(index)) == 1
 
@@ -418,7 +418,7 @@ def read_field(
     keys = field_keys(index)
     meta = {k: rows[k].iloc[0] for k in keys}
     files = dict(zip(rows["Metadata_Channel"], rows["path"]))
-    return _read_files(meta, files, wanted, _one_file_per_field(index))
+    return _read_files(meta, files, wanted, one_file_per_field(index))
 
 
 def iter_fields(
@@ -451,7 +451,7 @@ def iter_fields(
         corrupt file), recorded so a whole-plate run goes on.
     """
     wanted = _resolve_channels(index, channels)
-    multichannel = _one_file_per_field(index)
+    multichannel = one_file_per_field(index)
     keys = field_keys(index)
     if fields is None:
         fields = list_fields(index)

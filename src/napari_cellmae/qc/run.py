@@ -151,11 +151,12 @@ def measure_rows(
 
     from ..plates import iter_fields, list_fields
     from ..plates.channels import index_channel_names, index_channels
-    from ..plates.read import read_index_image
+    from ..plates.read import one_file_per_field, read_index_image
     from ..plates.scan import field_keys
 
     keys = field_keys(index)
     channels = index_channels(index)
+    multichannel = one_file_per_field(index)  # the reader's own plane rule
     names = index_channel_names(index, channels)
     files = {
         (k if isinstance(k, tuple) else (k,)): dict(zip(g["Metadata_Channel"], g["path"]))
@@ -177,9 +178,7 @@ def measure_rows(
                 planes = None
                 if not bad:
                     try:
-                        planes = read_index_image(
-                            paths[ch], ch, meta, multichannel=len(channels) == 1
-                        )
+                        planes = read_index_image(paths[ch], ch, meta, multichannel)
                     except ValueError as exc:
                         bad = str(exc)
                 row = {**meta, "Metadata_Channel": ch, "channel_name": names[ch]}

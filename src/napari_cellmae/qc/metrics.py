@@ -145,14 +145,6 @@ def _stack(images: np.ndarray, max_value: MaxValue = None) -> np.ndarray:
     return x
 
 
-def _per_label_sum(values: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
-    """values (C, H, W), labels (H, W) in [0, n_labels) -> (C, n_labels) sums, one bincount."""
-    c = values.shape[0]
-    offsets = (np.arange(c) * n_labels)[:, None, None]
-    idx = (labels[None] + offsets).ravel()
-    return np.bincount(idx, weights=values.ravel(), minlength=c * n_labels).reshape(c, n_labels)
-
-
 def focus_score(images: np.ndarray) -> np.ndarray:
     """var(x) / mean(x) per image (0 when the mean is not positive) -> (C,)."""
     x = _stack(images)
@@ -162,12 +154,20 @@ def focus_score(images: np.ndarray) -> np.ndarray:
     return np.where(mean > 0, var / np.where(mean > 0, mean, 1.0), 0.0)
 
 
-def tile_grid(shape: tuple[int, int], scale: int) -> tuple[np.ndarray, int]:
-    """CellProfiler's tile labels (H, W) for spatial scale ``scale`` and the number of tiles."""
+def _tile_rows_cols(shape: tuple[int, int], scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """CellProfiler's tiles for spatial scale ``scale``: the tile row of every pixel row (H,)
+    and the tile column of every pixel column (W,), ⌈H/scale⌉ × ⌈W/scale⌉ tiles."""
     h, w = shape
     m, n = (h + scale - 1) // scale, (w + scale - 1) // scale
     rows = (np.arange(h, dtype=np.float64) * m / h).astype(np.int64)
     cols = (np.arange(w, dtype=np.float64) * n / w).astype(np.int64)
+    return rows, cols
+
+
+def tile_grid(shape: tuple[int, int], scale: int) -> tuple[np.ndarray, int]:
+    """CellProfiler's tile labels (H, W) for spatial scale ``scale`` and the number of tiles."""
+    rows, cols = _tile_rows_cols(shape, scale)
+    m, n = int(rows[-1]) + 1, int(cols[-1]) + 1
     return rows[:, None] * n + cols[None, :], m * n
 
 
@@ -180,8 +180,7 @@ def local_focus_score(images: np.ndarray, scale: int = 20) -> np.ndarray:
     # with reduceat, one band of tile rows at a time (no full-size label or difference arrays)
     h, w = x.shape[1:]
     m, n = (h + scale - 1) // scale, (w + scale - 1) // scale
-    rows = (np.arange(h, dtype=np.float64) * m / h).astype(np.int64)
-    cols = (np.arange(w, dtype=np.float64) * n / w).astype(np.int64)
+    rows, cols = _tile_rows_cols((h, w), scale)
     r0 = np.searchsorted(rows, np.arange(m))  # first pixel row of each tile row
     c0 = np.searchsorted(cols, np.arange(n))
     nr, nc = np.diff(np.append(r0, h)), np.diff(np.append(c0, w))
@@ -249,15 +248,6 @@ def correlation(images: np.ndarray, scale: int = 20) -> np.ndarray:
     return haralick_correlation(cooccurrence(quantize(images), int(scale)))
 
 
-def ring_labels(shape: tuple[int, int]) -> np.ndarray:
-    """CellProfiler's (centrosome ``rps``) ring index ⌊d⌋ + 1 of every FFT coefficient (H, W)."""
-    h, w = shape
-    r2 = np.arange(h, dtype=np.float64)[:, None] ** 2 + np.arange(w, dtype=np.float64)[None] ** 2
-    r2 = np.minimum(r2, np.flipud(r2))
-    r2 = np.minimum(r2, np.fliplr(r2))
-    return np.floor(np.sqrt(r2)).astype(np.int64) + 1
-
-
 def power_log_log_slope(images: np.ndarray) -> np.ndarray:
     """Slope of log(radial power sum) against log(radius) -> (C,); 0 for constant images.
 
@@ -279,8 +269,9 @@ def power_log_log_slope(images: np.ndarray) -> np.ndarray:
     scale = np.where(std > 0, std, 1.0)
     n = len(radii)
     mag_sum, pow_sum = np.zeros((c, n)), np.zeros((c, n))
-    # only rows and columns within radii[-1] of an edge hold the rings (4 corner discs); the
-    # labels of ring_labels are made one band of rows at a time (memory: the spectrum only)
+    # only rows and columns within radii[-1] of an edge hold the rings (4 corner discs); the ring
+    # labels (centrosome ``rps``: ⌊distance from DC, wrapped⌋ + 1) are made one band of rows at a
+    # time (memory: the spectrum only)
     dj = np.minimum(np.arange(w), w - 1 - np.arange(w)).astype(np.float64) ** 2
     near = np.flatnonzero(np.minimum(np.arange(h), h - 1 - np.arange(h)) < radii[-1])
     for ch in range(c):

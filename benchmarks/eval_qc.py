@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -150,20 +151,24 @@ def scenarios(table, emb, source: str, replicates: int, defocused: float, seed: 
     return out
 
 
-def judge_source(head, scen) -> dict[str, float]:
-    """The figures of one head on one source's scenarios, with the baseline's."""
+def judge_source(head, scen) -> dict[str, Any]:
+    """The figures of one head on one source's scenarios, with the baseline's; the field scores
+    (1 − P(ok)) of each scenario under ``scores`` (for :func:`threshold_table`)."""
     from napari_cellmae.qc.head import CLASSES
 
-    res: dict[str, float] = {}
+    res: dict[str, Any] = {"scores": {}}
     for kind in ("ok", "sparse"):
         t, e = scen[kind]
-        res[f"head_{kind}_fp"] = float(_head(head, t, e)[1].mean())
+        p, flag = _head(head, t, e)
+        res[f"head_{kind}_fp"] = float(flag.mean())
+        res["scores"][kind] = (1 - p[:, 0], np.zeros(len(t), bool))
         res[f"base_{kind}_fp"] = float(_baseline(t)[1].mean())
         res[f"n_{kind}"] = len(t)
     t, e = scen["synthetic"]
     p, flag = _head(head, t, e)
     b, bflag = _baseline(t)
     y = t["qc_class"].to_numpy()
+    res["scores"]["synthetic"] = (1 - p[:, 0], y != "ok")
     for k, cls in enumerate(CLASSES):
         if cls == "ok":
             continue
@@ -176,6 +181,7 @@ def judge_source(head, scen) -> dict[str, float]:
     p, flag = _head(head, t, e)
     b, bflag = _baseline(t)
     blur = t["defocused"].to_numpy(bool)
+    res["scores"]["defocus"] = (1 - p[:, 0], blur)
     res.update(
         n_defocused=int(blur.sum()),
         n_sharp=int((~blur).sum()),
@@ -249,6 +255,51 @@ def print_tables(results: dict[str, dict[str, float]], title: str) -> None:
     )
 
 
+THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+MAX_CLEAN_FLAGGED = 0.05  # issue 19: at most 5% of a new source's clean fields flagged
+
+
+def threshold_table(results: dict[str, dict[str, Any]]) -> float:
+    """The default threshold calibrated leave-one-source-out: for each candidate, the clean and
+    sparse images flagged (pooled over held-out sources, and the worst source), the synthetic
+    artefacts and majority-defocus images caught, and the sharp images flagged. Prints the table;
+    returns the lowest threshold (most artefacts caught) whose pooled clean rate is at most
+    :data:`MAX_CLEAN_FLAGGED` and whose worst source stays within twice that."""
+
+    def pooled(kind, t, positives):
+        score = np.concatenate([r["scores"][kind][0] for r in results.values()])
+        pos = np.concatenate([r["scores"][kind][1] for r in results.values()])
+        sel = pos if positives else ~pos
+        return float((score[sel] > t).mean()) if sel.any() else float("nan")
+
+    print(
+        "\n| threshold | clean flagged (all / worst source) | sparse flagged | synthetic artefacts"
+        " caught | majority defocus caught | sharp flagged |\n|---|---|---|---|---|---|"
+    )
+    chosen = None
+    for t in THRESHOLDS:
+        worst = max(float((r["scores"]["ok"][0] > t).mean()) for r in results.values())
+        clean = pooled("ok", t, False)
+        n_sharp = sum(int((~r["scores"]["defocus"][1]).sum()) for r in results.values())
+        sharp = sum(
+            int((r["scores"]["defocus"][0][~r["scores"]["defocus"][1]] > t).sum())
+            for r in results.values()
+        )
+        print(
+            f"| {t:.1f} | {clean:.1%} / {worst:.1%} | {pooled('sparse', t, False):.1%} | "
+            f"{pooled('synthetic', t, True):.1%} | {pooled('defocus', t, True):.1%} | "
+            f"{sharp} of {n_sharp} |"
+        )
+        if chosen is None and clean <= MAX_CLEAN_FLAGGED and worst <= 2 * MAX_CLEAN_FLAGGED:
+            chosen = t
+    chosen = THRESHOLDS[-1] if chosen is None else chosen
+    print(
+        f"calibrated threshold (lowest with clean flagged <= {MAX_CLEAN_FLAGGED:.0%} pooled and "
+        f"<= {2 * MAX_CLEAN_FLAGGED:.0%} on every held-out source): {chosen:.1f}"
+    )
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     from napari_cellmae import load_model
     from napari_cellmae.qc.head import QCHead, encoder_info
@@ -301,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(
         loso, f"leave-one-source-out: each source judged by a head trained without it ({how})"
     )
+    print("\n### default threshold, calibrated leave-one-source-out")
+    threshold_table(loso)
     shipped = QCHead.load(args.head)
     if shipped.matches(model):
         print_tables(

@@ -74,6 +74,20 @@ HEAD_METRICS = (
     "log_iqr_over_median",
     "log_mad_over_median",
     "log_min_over_median",
+    # plate-independent physical cues (qc/cues.py): illumination, bright objects, clipping
+    "bg_range",
+    "bg_smooth_amp",
+    "bg_smooth_frac",
+    "bg_ratio",
+    "fg_smooth_amp",
+    "fg_smooth_frac",
+    "bright_frac_3",
+    "bright_frac_6",
+    "fg_frac",
+    "range_over_fg",
+    "pct_ceiling",
+    "max_plateau",
+    "max_in_plateaus",
 )
 # variant kinds: "ok", "sparse" (ok), every artefact recipe, and "autofocus" (defocus z 7–20 µm,
 # the majority-defocus scenario of eval_qc; not used for training)
@@ -147,9 +161,14 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+EVAL_DRAWS = 2  # extra draws of every recipe per image, for the evaluation only (kind "eval:…")
+
+
 def variants_of(item: RealImage) -> Iterator[tuple[str, str, int, np.ndarray]]:
     """(kind, qc_class, severity, image) of one real image: as it is, sparse, every artefact
-    recipe at a severity 2–5 and the autofocus-failure defocus (seeded by the image's name)."""
+    recipe at a severity 2–5, the autofocus-failure defocus (seeded by the image's name), then
+    :data:`EVAL_DRAWS` more draws of every recipe (kind ``eval:<recipe>``; never trained on:
+    ``benchmarks/eval_qc.py`` judges held-out sources on more artefacts than one per recipe)."""
     from napari_cellmae.qc.artefacts import ARTEFACTS, apply_artefact, sparse_field
 
     rng = np.random.default_rng(_seed(item.name))
@@ -164,29 +183,75 @@ def variants_of(item: RealImage) -> Iterator[tuple[str, str, int, np.ndarray]]:
     sev = int(rng.choice(AUTOFOCUS_SEVERITIES))
     spoilt = apply_artefact(item.image, "defocus", sev, seed=0, pixel_um=item.pixel_um)
     yield "autofocus", "blur", sev, spoilt
+    rng = np.random.default_rng(_seed(item.name, "eval"))
+    for _ in range(EVAL_DRAWS):
+        for kind, recipe in ARTEFACTS.items():
+            sev = int(rng.choice(TRAIN_SEVERITIES))
+            seed = int(rng.integers(2**31))
+            spoilt = apply_artefact(item.image, kind, sev, seed=seed, pixel_um=item.pixel_um)
+            yield f"eval:{kind}", recipe.qc_class, sev, spoilt
+
+
+def _code_key(*texts: str) -> str:
+    return hashlib.sha1("\n".join(texts).encode()).hexdigest()[:8]
 
 
 def _recipes_key() -> str:
-    """Changes when the variants would: the artefact recipes' levels and the sampling here."""
-    from napari_cellmae.qc.artefacts import ARTEFACTS
+    """Changes when the variants would: the artefact recipes' code and this script's sampling."""
+    import inspect
 
-    text = repr(
-        (
-            [(a.name, a.levels) for a in ARTEFACTS.values()],
-            TRAIN_SEVERITIES,
-            AUTOFOCUS_SEVERITIES,
-            SPARSE_KEEP,
-        )
+    import napari_cellmae.qc.artefacts as artefacts
+
+    return _code_key(
+        Path(artefacts.__file__).read_text(),
+        inspect.getsource(variants_of),
+        repr((TRAIN_SEVERITIES, AUTOFOCUS_SEVERITIES, SPARSE_KEEP, EVAL_DRAWS)),
     )
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _measure_key() -> str:
+    """Changes when the measurements would: the metrics' and cues' code."""
+    import napari_cellmae.qc.cues as cues
+    import napari_cellmae.qc.metrics as metrics
+
+    return _code_key(Path(metrics.__file__).read_text(), Path(cues.__file__).read_text())
+
+
+def _save(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _table_arrays(table: Any) -> dict[str, np.ndarray]:
+    """Text columns as unicode arrays: the cache is read without pickle."""
+    from pandas.api.types import is_numeric_dtype
+
+    out = {}
+    for c in table.columns:
+        col = table[c]
+        out[f"t_{c}"] = (
+            col.to_numpy() if is_numeric_dtype(col) else np.array(col.astype(str).tolist(), str)
+        )
+    return out
 
 
 def feature_table(
-    model: Any, block: int | None, items: list[RealImage], progress: bool = True
+    model: Any,
+    block: int | None,
+    items: list[RealImage],
+    progress: bool = True,
+    sources: tuple[str, ...] = SOURCES,
 ) -> tuple[Any, np.ndarray]:
     """(table, embeddings) of every variant of ``items``: one row per variant with ``source``,
-    ``name``, ``group``, ``kind``, ``qc_class``, ``severity`` and the ``QC_`` metrics (scale 20);
-    embeddings (N, D) of each variant alone. Cached per source under :data:`CACHE`."""
+    ``name``, ``group``, ``kind``, ``qc_class``, ``severity`` and the ``QC_`` metrics and cues
+    (scale 20); embeddings (N, D) of each variant alone.
+
+    Cached per source under :data:`CACHE`: the embeddings keyed by the encoder's checksum, the
+    block and the variants (:func:`_recipes_key`), the measurements by the variants and the
+    metrics' code (:func:`_measure_key`), so a change of the metrics re-measures (a minute)
+    without re-embedding. Sources can be built in parallel processes (``--cache-only
+    --sources``)."""
     import pandas as pd
 
     from napari_cellmae.qc.head import embed_images
@@ -196,48 +261,55 @@ def feature_table(
     folder = CACHE / f"{str(model.checksum)[:16]}-block{block}"
     folder.mkdir(parents=True, exist_ok=True)
     tables, embs = [], []
-    for source in SOURCES:
+    for source in sources:
         chosen = [it for it in items if it.source == source]
         if not chosen:
             continue
         key = hashlib.sha1("|".join(it.name for it in chosen).encode()).hexdigest()[:12]
-        path = folder / f"{source}-{key}-{_recipes_key()}.npz"
-        if path.is_file():
-            with np.load(path, allow_pickle=False) as npz:
-                table = pd.DataFrame({k[2:]: npz[k] for k in npz.files if k.startswith("t_")})
-                emb = npz["emb"]
-        else:
+        stem = f"{source}-{key}-{_recipes_key()}"
+        emb_path = folder / f"{stem}-emb.npz"
+        metrics_path = CACHE / "metrics" / f"{stem}-{_measure_key()}.npz"
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        have_emb, have_metrics = emb_path.is_file(), metrics_path.is_file()
+        if not (have_emb and have_metrics):
             rows, parts = [], []
             t0 = time.monotonic()
             for i, item in enumerate(chosen):
                 batch = list(variants_of(item))
                 for kind, cls, sev, image in batch:
-                    m = {f"QC_{k}": float(v[0]) for k, v in measure(image, (20,)).items()}
-                    rows.append(
-                        {
-                            "source": item.source,
-                            "name": item.name,
-                            "group": item.group,
-                            "kind": kind,
-                            "qc_class": cls,
-                            "severity": sev,
-                            **m,
-                        }
-                    )
-                parts.append(embed_images(model, [b[3] for b in batch], block))
+                    row = {
+                        "source": item.source,
+                        "name": item.name,
+                        "group": item.group,
+                        "kind": kind,
+                        "qc_class": cls,
+                        "severity": sev,
+                    }
+                    if not have_metrics:
+                        row.update(
+                            {f"QC_{k}": float(v[0]) for k, v in measure(image, (20,)).items()}
+                        )
+                    rows.append(row)
+                if not have_emb:
+                    parts.append(embed_images(model, [b[3] for b in batch], block))
                 if progress:
+                    what = "measured" if have_emb else "embedded"
                     print(
-                        f"  {source}: {i + 1}/{len(chosen)} images ({time.monotonic() - t0:.0f} s)",
+                        f"  {source}: {i + 1}/{len(chosen)} images {what} "
+                        f"({time.monotonic() - t0:.0f} s)",
                         flush=True,
                     )
-            table, emb = pd.DataFrame(rows), np.concatenate(parts).astype(np.float32)
-            arrays = {  # text columns as unicode arrays: the cache is read without pickle
-                f"t_{c}": table[c].to_numpy(str if table[c].dtype == object else None)
-                for c in table.columns
-            }
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, emb=emb, **arrays)
-            os.replace(tmp, path)
+            built = pd.DataFrame(rows)
+            if not have_emb:
+                _save(emb_path, emb=np.concatenate(parts).astype(np.float32))
+            if not have_metrics:
+                _save(metrics_path, **_table_arrays(built))
+        with np.load(metrics_path, allow_pickle=False) as npz:
+            table = pd.DataFrame({k[2:]: npz[k] for k in npz.files if k.startswith("t_")})
+        with np.load(emb_path, allow_pickle=False) as npz:
+            emb = npz["emb"]
+        if len(emb) != len(table):
+            raise SystemExit(f"cache {emb_path} does not match {metrics_path}: delete both")
         tables.append(table)
         embs.append(emb)
     return pd.concat(tables, ignore_index=True), np.concatenate(embs)
@@ -272,8 +344,10 @@ def features(table: Any, emb: np.ndarray, spec: Any, reference: Any = None) -> n
 
 
 def training_rows(table: Any) -> np.ndarray:
-    """The rows a head learns from: all but the autofocus scenario's extra defocus."""
-    return (table["kind"] != "autofocus").to_numpy()
+    """The rows a head learns from: all but the autofocus scenario's defocus and the evaluation
+    draws."""
+    kind = table["kind"].astype(str)
+    return ((kind != "autofocus") & ~kind.str.startswith("eval:")).to_numpy()
 
 
 def fit_default_head(
@@ -303,7 +377,19 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy CPU)"
     )
     parser.add_argument("--ok-prior", type=float, default=OK_PRIOR, help="share of weight on ok")
+    parser.add_argument(
+        "--sources",
+        default=",".join(SOURCES),
+        help="comma-separated sources to cache (with --cache-only: run one process per share)",
+    )
+    parser.add_argument(
+        "--cache-only", action="store_true", help="build the feature cache of --sources and stop"
+    )
     args = parser.parse_args(argv)
+    sources = tuple(s for s in args.sources.split(",") if s)
+    unknown = sorted(set(sources) - set(SOURCES))
+    if unknown:
+        parser.error(f"unknown sources {unknown}: choose from {', '.join(SOURCES)}")
     if args.threads:
         import torch
 
@@ -316,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     items = real_sources()
     print(f"encoder {model.name} ({model.checksum[:12]}), {len(items)} real images")
     t0 = time.monotonic()
+    if args.cache_only:
+        feature_table(model, args.block, items, sources=sources)
+        print(f"cached {', '.join(sources)} in {time.monotonic() - t0:.0f} s")
+        return 0
     table, emb = feature_table(model, args.block, items)
     spec = head_spec(model, args.block)
     rows = training_rows(table)

@@ -58,6 +58,10 @@ def _log(x: np.ndarray) -> np.ndarray:
     return np.log10(np.maximum(np.asarray(x, np.float64), 1e-6))
 
 
+def _log10p(x: np.ndarray, eps: float) -> np.ndarray:
+    return np.log10(np.maximum(np.asarray(x, np.float64) + eps, 1e-12))
+
+
 # name -> (formula, function of the QC_ columns (dict of arrays) and the spatial scale N)
 METRIC_FEATURES: dict[str, tuple[str, Callable[[dict, int], np.ndarray]]] = {
     "plls": ("PowerLogLogSlope", lambda q, n: q["PowerLogLogSlope"]),
@@ -98,7 +102,46 @@ METRIC_FEATURES: dict[str, tuple[str, Callable[[dict, int], np.ndarray]]] = {
         "log10(MinIntensity / MedianIntensity)",
         lambda q, n: _log(q["MinIntensity"] / np.maximum(q["MedianIntensity"], 1e-9)),
     ),
+    # plate-independent physical cues (qc/cues.py): illumination, bright objects, clipping
+    "bg_range": ("log10(BackgroundRange + 1e-4)", lambda q, n: _log10p(q["BackgroundRange"], 1e-4)),
+    "bg_smooth_amp": (
+        "log10(BackgroundSmoothAmplitude + 1e-4)",
+        lambda q, n: _log10p(q["BackgroundSmoothAmplitude"], 1e-4),
+    ),
+    "bg_smooth_frac": ("BackgroundSmoothFraction", lambda q, n: q["BackgroundSmoothFraction"]),
+    "bg_ratio": ("log10(BackgroundRatio)", lambda q, n: _log10p(q["BackgroundRatio"], 0.0)),
+    "fg_smooth_amp": (
+        "log10(ForegroundSmoothAmplitude + 1e-4)",
+        lambda q, n: _log10p(q["ForegroundSmoothAmplitude"], 1e-4),
+    ),
+    "fg_smooth_frac": ("ForegroundSmoothFraction", lambda q, n: q["ForegroundSmoothFraction"]),
+    "bright_frac_3": (
+        "log10(BrightFraction3 + 1e-5)",
+        lambda q, n: _log10p(q["BrightFraction3"], 1e-5),
+    ),
+    "bright_frac_6": (
+        "log10(BrightFraction6 + 1e-5)",
+        lambda q, n: _log10p(q["BrightFraction6"], 1e-5),
+    ),
+    "fg_frac": (
+        "log10(ForegroundFraction + 1e-4)",
+        lambda q, n: _log10p(q["ForegroundFraction"], 1e-4),
+    ),
+    "range_over_fg": (
+        "log10(RangeOverForeground)",
+        lambda q, n: _log10p(q["RangeOverForeground"], 0.0),
+    ),
+    "pct_ceiling": (
+        "log10(PercentCeiling / 100 + 1e-5)",
+        lambda q, n: _log10p(q["PercentCeiling"] / 100.0, 1e-5),
+    ),
+    "max_plateau": (
+        "log10(MaxPlateauFraction + 1e-6)",
+        lambda q, n: _log10p(q["MaxPlateauFraction"], 1e-6),
+    ),
+    "max_in_plateaus": ("MaxInPlateaus", lambda q, n: q["MaxInPlateaus"]),
 }
+CUE_FEATURES = tuple(list(METRIC_FEATURES)[-13:])  # the cues' transforms, in qc/cues.py order
 
 
 @dataclass(frozen=True)

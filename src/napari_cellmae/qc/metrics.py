@@ -38,8 +38,10 @@ Definitions (x = the pixels of one image, N = |x|, μ = mean(x)):
   the one minimising the weighted within-class variance (sample variances of the running sums)
   wins, averaged with its two neighbouring candidates; the result is transformed back.
 
-Masks are not supported: every pixel counts. :func:`measure_field` returns one row per channel
-with ``QC_``-prefixed columns; a 512×512 image takes about 25 ms on one CPU core
+:func:`measure` also returns the plate-independent cues of :mod:`.cues` (illumination, bright
+objects, clipping), which are ours, not CellProfiler's (``metric_names(cues=False)`` lists only
+CellProfiler's). Masks are not supported: every pixel counts. :func:`measure_field` returns one
+row per channel with ``QC_``-prefixed columns; a 512×512 image takes about 25 ms on one CPU core
 (``benchmarks/eval_qc.py`` prints the measured time).
 """
 
@@ -51,6 +53,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .cues import cues
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -71,13 +75,16 @@ INTENSITY_COLUMNS = (
 )
 
 
-def metric_names(scales: Sequence[int] = DEFAULT_SCALES) -> list[str]:
-    """Metric names (without the ``QC_`` prefix) in column order."""
+def metric_names(scales: Sequence[int] = DEFAULT_SCALES, cues: bool = True) -> list[str]:
+    """Metric names (without the ``QC_`` prefix) in column order: CellProfiler's, then (``cues``)
+    the plate-independent cues of :mod:`.cues`, which are ours."""
+    from .cues import CUE_NAMES
+
     names = ["FocusScore"]
     names += [f"LocalFocusScore_{n}" for n in scales]
     names += [f"Correlation_{n}" for n in scales]
     names += ["PowerLogLogSlope", "PercentMaximal", "PercentMinimal"]
-    return [*names, *INTENSITY_COLUMNS, "ThresholdOtsu"]
+    return [*names, *INTENSITY_COLUMNS, "ThresholdOtsu", *(CUE_NAMES if cues else ())]
 
 
 MaxValue = float | Sequence[float | None] | None  # one for all channels, or one per channel
@@ -463,6 +470,7 @@ def measure(
     out["PercentMinimal"] = percent_minimal(x)
     out.update(intensity_stats(x))
     out["ThresholdOtsu"] = threshold_otsu(arr, max_value)  # from the raw values: a histogram
+    out.update(cues(x, out["ThresholdOtsu"]))  # ours, not CellProfiler's: see qc/cues.py
     return {k: out[k] for k in metric_names(scales)}
 
 

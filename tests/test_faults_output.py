@@ -160,6 +160,38 @@ def test_out_naming_an_existing_file_is_refused(plate, tmp_path, test_model_dir,
     assert target.read_text() == "mine\n"
 
 
+def test_the_gui_is_told_a_fix_it_has_while_the_cli_keeps_force(tmp_path):
+    """The GUI has no --force: the same refusal tells it to choose a new or empty folder, or one
+    cellmae made for that output; the CLI and Python messages keep --force (force=True)."""
+    from napari_cellmae.outputs import OutputFolderError, check_output_dir, prepare_output_dir
+
+    mine = tmp_path / "mine"
+    _users_folder(mine)
+    prepare_output_dir(tmp_path / "embedded", "embed")
+    for folder in (mine, tmp_path / "embedded"):
+        with pytest.raises(OutputFolderError) as info:
+            check_output_dir(folder, "qc")
+        cli, gui = str(info.value), info.value.gui_message
+        assert str(folder) in cli and "--force" in cli, cli
+        assert str(folder) in gui and "force" not in gui, gui
+        assert "new or empty" in gui and "one cellmae made for qc output" in gui, gui
+
+
+def test_finetune_for_the_gui_reports_the_gui_fix(plate, tmp_path, capsys):
+    """The Fine-tune tab runs `cellmae finetune --progress-json`: a refusal comes back as an
+    error event with the GUI's words, next to the CLI's error line."""
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes\n")
+    argv = ["finetune", str(plate), "--out", str(mine), "--device", "cpu", "--progress-json"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    event = json.loads(out.strip().splitlines()[-1])
+    assert event["event"] == "error" and "--force" in event["message"] and "--force" in err
+    assert "--force" not in event["gui_message"] and "new or empty" in event["gui_message"]
+    assert (mine / "README.md").read_text() == "my notes\n"
+
+
 def test_finetune_refuses_a_users_folder_before_training(plate, tmp_path, capsys):
     mine = tmp_path / "models"  # the user's folder, whose README.md the model card would replace
     mine.mkdir()

@@ -189,7 +189,9 @@ def test_heads_are_compared_on_other_fields_of_the_plate(measured, real_data):
     index = scan_plate(real_data / "transfluor-plate")
     keys = field_keys(index)
     every = [list(r) for r in list_fields(index)[keys].itertuples(index=False)]
-    alarm = dataclasses.replace(head, intercept=head.intercept - 50.0 * (np.arange(7) == 0))
+    # every image called blur: a class the classic evidence leaves to the head, so it flags all
+    blur = np.asarray(head.classes) == "blur"
+    alarm = dataclasses.replace(head, intercept=head.intercept + 50.0 * blur)
     heads = {"shipped": head, "flags everything": alarm, "none": None}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is faster on a busy 2-core machine
@@ -204,3 +206,46 @@ def test_heads_are_compared_on_other_fields_of_the_plate(measured, real_data):
     assert always["detected"] == 1.0 and always["clean_flagged"] == 1.0
     assert always["balanced_accuracy"] == 0.5 < shipped["balanced_accuracy"]
     assert shipped["detected"] >= 0.5 and shipped["clean_flagged"] == 0.0
+
+
+def _background_head():
+    """A metrics-only head that calls every image *background* (P = 0.8 where it sees nothing
+    else), noise where PowerLogLogSlope > −0.85 and blur where it is < −2.3 (the clean
+    transfluor fields lie in −2.05…−0.93)."""
+    from napari_cellmae.qc.head import FeatureSpec, QCHead
+
+    spec = FeatureSpec(metric_features=("plls",), embed_dim=0, relative=False)
+    coef, intercept = np.zeros((len(CLASSES), 1)), np.zeros(len(CLASSES))
+    intercept[CLASSES.index("background")] = np.log(0.8 / 0.2)
+    coef[CLASSES.index("noise")], intercept[CLASSES.index("noise")] = 30.0, 30.0 * 0.85
+    coef[CLASSES.index("blur")], intercept[CLASSES.index("blur")] = -30.0, -30.0 * 2.3
+    return QCHead(CLASSES, spec, np.zeros(1), np.ones(1), coef, intercept)
+
+
+def test_heads_are_compared_as_qc_runs_judge_them(real_data):
+    """Issue 19: the comparison scored the bare heads, so a head that calls every clean field
+    background lost every clean field there, though a QC run (which weighs background by the
+    classic evidence that the image is off) flags none of them. Judged as QC runs judge, its
+    clean fields pass, and its noise and blur calls (the head's own classes) still count."""
+    from napari_cellmae.plates import scan_plate
+    from napari_cellmae.progress import run
+    from napari_cellmae.qc.training import (
+        compare_heads_on_plate,
+        describe_comparison,
+        score_head,
+    )
+
+    index = scan_plate(real_data / "transfluor-plate")
+    heads = {"current": _background_head()}
+    judged = run(compare_heads_on_plate(index, None, heads, n_fields=4))["current"]
+    bare = run(compare_heads_on_plate(index, None, heads, n_fields=4, evidence=False))["current"]
+    assert bare["clean_flagged"] == 1.0 and bare["detected"] == 1.0  # the bare head: all flagged
+    assert judged["evidence"] and judged["n_images"] == 4 * 9
+    assert judged["clean_flagged"] == 0.0  # as in a QC run of the plate
+    assert judged["detected_by_class"]["noise"] == 1.0  # every noise recipe, as the head says
+    assert judged["detected_by_class"]["blur"] >= 0.5  # at least every defocus one
+    assert judged["balanced_accuracy"] > bare["balanced_accuracy"] == 0.5
+    assert "as QC runs judge" in describe_comparison({"current": judged})
+    assert "as QC runs judge" not in describe_comparison({"current": bare})
+    with pytest.raises(ValueError, match="metric table"):  # no silent bare-head verdict
+        score_head(heads["current"], np.zeros((2, 1)), ["ok", "noise"])

@@ -11,7 +11,9 @@ One rule (docs/guarantees.md):
   That is what lets a rerun resume.
 - Anything else (a folder the tool did not make and that is not empty, or one made by another
   command) is refused with a message naming the folder and the fix: a new or empty folder, or
-  ``--force`` (``force=True``) to write into it anyway, replacing files of the same names.
+  ``--force`` (``force=True``) to write into it anyway, replacing files of the same names (the
+  GUI, which has no such override, gets the error's ``gui_message``: a new or empty folder, or
+  one cellmae made for that output).
 - A folder path that names an existing file is refused.
 
 :func:`prepare_output_dir` also removes the tool's own temporary ``.*.part`` files that a killed
@@ -34,7 +36,16 @@ _LEGACY_RECORDS = ("config.json", "run.json")
 
 
 class OutputFolderError(ValueError):
-    """An output folder that may not be written (the message says why and what to do)."""
+    """An output folder that may not be written (the message says why and what to do).
+
+    ``str(error)`` gives the fix in CLI and Python words (``--force``, ``force=True``);
+    :attr:`gui_message` in the GUI's, which has no such override (the napari widget's status line
+    shows it: :func:`napari_cellmae._qt.worker.gui_text`).
+    """
+
+    def __init__(self, message: str, gui_message: str | None = None):
+        super().__init__(message)
+        self.gui_message = gui_message or message
 
 
 def _resolve(path: str | os.PathLike) -> Path:
@@ -125,16 +136,23 @@ def check_output_dir(
         entries = _entries(path)
         if entries:
             shown = ", ".join(entries[:5]) + (" …" if len(entries) > 5 else "")
-            raise OutputFolderError(
+            why = (
                 f"The output folder {path} is not empty ({shown}) and was not made by cellmae: "
-                f"its files could be overwritten. Choose a new or empty folder, or pass --force "
-                f"(force=True) to write into it anyway (files of the same names are replaced)."
+                "its files could be overwritten. Choose a new or empty folder"
+            )
+            raise OutputFolderError(
+                f"{why}, or pass --force (force=True) to write into it anyway (files of the same "
+                "names are replaced).",
+                f"{why}, or one cellmae made for {command} output.",
             )
     elif made_by and made_by != command:
-        raise OutputFolderError(
+        why = (
             f"The output folder {path} was made by `cellmae {made_by}`, not `cellmae {command}`: "
-            f"choose another folder for this {command} output (or pass --force to write into it "
-            "anyway)."
+            f"choose another folder for this {command} output"
+        )
+        raise OutputFolderError(
+            f"{why} (or pass --force to write into it anyway).",
+            f"{why}: a new or empty one, or one cellmae made for {command} output.",
         )
     return path
 

@@ -164,3 +164,23 @@ def test_docs_name_the_plugins_menu_as_napari_shows_it():
     for doc, plugin, widget in ours:
         assert plugin == menu, (doc, plugin)
         assert any(widget.startswith(w) for w in widgets), (doc, widget)
+
+
+def test_a_refused_output_folder_is_explained_in_the_guis_words(small_screen, tmp_path):
+    """The tab's training process refuses a folder of the user's own: the tab shows the fix a
+    GUI user has (a new or empty folder), not the CLI's --force."""
+    import sys
+
+    from napari_cellmae._qt.finetune_tab import finetune_process
+    from napari_cellmae.progress import run
+
+    plate, _ = small_screen
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes\n")
+    cmd = [sys.executable, "-m", "napari_cellmae.cli", "finetune", str(plate), "--out", str(mine)]
+    with pytest.raises(ValueError) as info:
+        run(finetune_process([*cmd, "--device", "cpu", "--progress-json"]))
+    assert str(mine) in str(info.value) and "new or empty folder" in str(info.value)
+    assert "--force" not in str(info.value)
+    assert (mine / "README.md").read_text() == "my notes\n"

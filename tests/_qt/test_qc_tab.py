@@ -145,6 +145,7 @@ def test_relabel_and_retrain_change_verdicts_and_threshold_changes_counts(panel,
     with qtbot.waitSignal(panel.runner.finished, timeout=20_000):
         tab.export(str(mine))
     assert "not empty" in panel.status.text() and "new or empty folder" in panel.status.text()
+    assert "--force" not in panel.status.text()  # the GUI has none: it says what the GUI can do
     assert (mine / "qc_fields.csv").read_text() == "mine\n"
 
 

@@ -102,6 +102,8 @@ def finetune_process(cmd: list[str]):
                 proc.wait(timeout=30)
         reader.join(timeout=5)
     if proc.returncode not in (0, 130):
+        if last.get("event") == "error" and last.get("gui_message"):  # the fix in GUI words
+            raise ValueError(str(last["gui_message"]))
         message = next(
             (e.strip() for e in reversed(errors) if "error:" in e), "".join(errors)[-500:]
         )

@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
 from ..progress import Progress
 from .layers import FIELD_KEY, layer_named
 from .main_panel import MainPanel
+from .worker import gui_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -332,7 +333,7 @@ class ReconstructTab(QWidget):
             hidden,
             description="reconstruct",
             on_result=lambda result: self.show_result(result, sources),
-            on_error=lambda exc: self.message.setText(str(exc)),
+            on_error=lambda exc: self.message.setText(gui_text(exc)),
         )
 
     @staticmethod

@@ -327,6 +327,10 @@ def run(args: argparse.Namespace) -> int:
     stop.install(watch_stdin=args.progress_json)
     try:
         result = drive(train(cfg, should_stop=stop), progress=on_progress)
+    except ValueError as exc:  # the GUI runs this command: give it the fix in its own words
+        if args.progress_json and getattr(exc, "gui_message", None):
+            say("error", message=str(exc), gui_message=exc.gui_message)
+        raise
     except Cancelled:
         ckdir = cfg.checkpoint_path
         say(

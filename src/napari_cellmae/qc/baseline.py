@@ -455,3 +455,26 @@ def with_classic_evidence(
         k = classes.index("ok")
         q[:, k] = 1.0 - (q.sum(axis=1) - q[:, k])
     return q
+
+
+def evidence_weighted_proba(
+    proba: np.ndarray,
+    images: pd.DataFrame,
+    *,
+    scale: int = 20,
+    base: pd.DataFrame | None = None,
+    classes: Sequence[str] | None = None,
+) -> np.ndarray:
+    """The head's probabilities for ``images`` as QC runs judge them: the one rule that
+    :func:`napari_cellmae.qc.run.judge` and the head comparison of **Train head from plate**
+    (:func:`napari_cellmae.qc.training.score_head`) share.
+
+    ``images``: one row per image (same order as ``proba``) with its ``QC_<metric>`` columns and
+    its plate/channel (:data:`GROUP_BY`: plate z-scores are taken within each group, and a group
+    with fewer than :data:`MIN_ANCHOR` plausible images gets gate evidence only). The evidence is
+    :func:`baseline_flags` at the default threshold :data:`DEFAULT_Z` whatever the classic
+    slider says (gate scores are in its units); pass ``base`` when that table is at hand.
+    """
+    if base is None:
+        base = baseline_flags(images, DEFAULT_Z, scale=scale)
+    return with_classic_evidence(proba, base, classes=classes)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..progress import Progress
-from .baseline import DEFAULT_Z, baseline_flags, with_classic_evidence
+from .baseline import DEFAULT_Z, baseline_flags, evidence_weighted_proba
 from .head import (
     ARTEFACT_CLASSES,
     CLASSES,
@@ -267,9 +267,9 @@ def judge(
     """Verdicts: (images, fields) tables with baseline, probabilities, flags and reasons.
 
     Per image: ``QC_Baseline_*`` (z-score rules), ``QC_P_<class>`` (head, each artefact class
-    weighed by its classic evidence: :func:`~.baseline.with_classic_evidence`), ``QC_Score`` (head:
-    1 − P(ok); classic: the largest rule z), ``QC_Flag``, ``QC_Class``, ``QC_Reason``. Per field
-    the worst channel decides: ``QC_Score``, ``QC_Flag``, ``QC_Class``, ``QC_Channel``,
+    weighed by its classic evidence: :func:`~.baseline.evidence_weighted_proba`), ``QC_Score``
+    (head: 1 − P(ok); classic: the largest rule z), ``QC_Flag``, ``QC_Class``, ``QC_Reason``. Per
+    field the worst channel decides: ``QC_Score``, ``QC_Flag``, ``QC_Class``, ``QC_Channel``,
     ``QC_Reason``, ``QC_Pass``, and ``QC_<metric>_<channel>`` columns. ``head`` overrides the
     result's head (a retrained one with the same feature spec).
     """
@@ -286,10 +286,9 @@ def judge(
         p = np.full((len(images), len(CLASSES)), np.nan)
         if ok.any():  # the head's classes weighed by their classic evidence (see baseline.py)
             raw = head.predict_proba(result.features[ok])
-            evidence = base  # at the default threshold: the head's verdicts do not follow the
-            if z_threshold != DEFAULT_Z:  # classic slider (gate scores are in its units)
-                evidence = baseline_flags(images[ok], DEFAULT_Z, scale=result.scale)
-            p[ok] = with_classic_evidence(raw, evidence)
+            # evidence at the default threshold: the head's verdicts do not follow the slider
+            at_default = base if z_threshold == DEFAULT_Z else None
+            p[ok] = evidence_weighted_proba(raw, images[ok], scale=result.scale, base=at_default)
         for k, cls in enumerate(CLASSES):
             images[f"QC_P_{cls}"] = p[:, k]
         score = 1.0 - p[:, 0]

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..progress import Progress
 from .artefacts import ARTEFACTS, SEVERITIES, apply_artefact
+from .baseline import evidence_weighted_proba
 from .head import (
     CLASSES,
     DEFAULT_C,
@@ -76,19 +77,29 @@ def artefact_variants(
             yield Variant(spoilt, ARTEFACTS[kind].qc_class, kind, severity, i)
 
 
+def metric_table(images: Sequence[np.ndarray], scale: int = 20) -> pd.DataFrame:
+    """One row of ``QC_<metric>`` columns (CellProfiler's, at spatial scale ``scale``) per
+    (H, W) image: what the head's metric features and the classic baseline read."""
+    import pandas as pd
+
+    rows = [{f"QC_{k}": float(v[0]) for k, v in measure(im, (scale,)).items()} for im in images]
+    return pd.DataFrame(rows, index=pd.RangeIndex(len(rows)))
+
+
 def absolute_features(
     images: Sequence[np.ndarray],
     spec: FeatureSpec,
     model: Any = None,
     batch_size: int | None = None,
+    metrics: pd.DataFrame | None = None,
 ) -> np.ndarray:
-    """(N, spec.n_absolute) of (H, W) images: the metric transforms, then the embedding."""
-    import pandas as pd
-
-    rows = [
-        {f"QC_{k}": float(v[0]) for k, v in measure(im, (spec.scale,)).items()} for im in images
-    ]
-    x = metric_features(pd.DataFrame(rows), spec)
+    """(N, spec.n_absolute) of (H, W) images: the metric transforms, then the embedding.
+    ``metrics``: the images' :func:`metric_table` at ``spec.scale``, when already measured."""
+    if metrics is None:
+        metrics = metric_table(images, spec.scale)
+    elif len(metrics) != len(images):
+        raise ValueError(f"{len(metrics)} metric rows for {len(images)} images.")
+    x = metric_features(metrics, spec)
     if spec.uses_encoder:
         if model is None:
             raise ValueError("This feature spec uses encoder embeddings: pass the model.")
@@ -250,13 +261,39 @@ def train_head_from_plate(
     return head
 
 
-def score_head(head: QCHead, features: np.ndarray, labels: Sequence[str], threshold: float = 0.5):
-    """How well ``head`` judges labelled images: a dict with ``balanced_accuracy`` of the flag
-    (1 − P(ok) > ``threshold``; the mean of ``detected`` and 1 − ``clean_flagged``),
-    ``detected`` (artefact images flagged), ``clean_flagged`` (clean images flagged),
-    ``class_accuracy`` (artefact images given their class) and ``n_images``."""
+def score_head(
+    head: QCHead,
+    features: np.ndarray,
+    labels: Sequence[str],
+    threshold: float = 0.5,
+    metrics: pd.DataFrame | None = None,
+    *,
+    evidence: bool = True,
+):
+    """How well ``head`` judges labelled images, as QC runs judge them: a dict with
+    ``balanced_accuracy`` of the flag (1 − P(ok) > ``threshold``; the mean of ``detected`` and
+    1 − ``clean_flagged``), ``detected`` (artefact images flagged), ``clean_flagged`` (clean
+    images flagged), ``class_accuracy`` (artefact images given their class),
+    ``detected_by_class`` (per artefact class, its images flagged), ``n_images`` and ``evidence``
+    (whether the verdict was weighed).
+
+    With ``evidence`` (the default) the head's probabilities are weighed by the classic evidence
+    that each image is off, as in a QC run (:func:`~.baseline.evidence_weighted_proba`):
+    ``metrics`` is then the images' table of ``QC_<metric>`` columns with their plate/channel
+    (``Metadata_Plate``, ``Metadata_Channel``), in the order of ``features``. ``evidence=False``
+    scores the bare head.
+    """
     y = np.asarray([str(v) for v in labels])
     p = head.predict_proba(features)
+    if evidence:
+        if metrics is None:
+            raise ValueError(
+                "score_head judges as QC runs do (the head weighed by the classic evidence): "
+                "pass the images' metric table (metrics=...), or evidence=False for the bare head."
+            )
+        if len(metrics) != len(y):
+            raise ValueError(f"{len(metrics)} metric rows for {len(y)} labelled images.")
+        p = evidence_weighted_proba(p, metrics.reset_index(drop=True), scale=head.spec.scale)
     flag = 1.0 - p[:, 0] > threshold
     bad = y != "ok"
     detected = float(flag[bad].mean()) if bad.any() else float("nan")
@@ -267,7 +304,9 @@ def score_head(head: QCHead, features: np.ndarray, labels: Sequence[str], thresh
         "detected": detected,
         "clean_flagged": clean_flagged,
         "class_accuracy": float((called[bad] == y[bad]).mean()) if bad.any() else float("nan"),
+        "detected_by_class": {c: float(flag[y == c].mean()) for c in CLASSES[1:] if (y == c).any()},
         "n_images": len(y),
+        "evidence": bool(evidence),
     }
 
 
@@ -282,14 +321,17 @@ def compare_heads_on_plate(
     seed: int = 1,
     threshold: float = 0.5,
     batch_size: int | None = None,
+    evidence: bool = True,
 ):
     """Progress generator: judge each head of ``heads`` on synthetic artefacts applied to
     ``n_fields`` fields of the plate that are not in ``exclude`` (the fields a new head learnt
     from: ``head.training["fields"]``), every channel once clean and once per artefact recipe
     (severity 2–5, seed ``seed``, so other draws than in training).
 
-    Returns ``{name: score_head(...) dict, plus "held_out" (bool) and "fields" (n)}``, or
-    ``{name: {"error": why}}`` for a head that cannot read this model's embeddings (or None).
+    Each head is judged as QC runs judge (``evidence``, see :func:`score_head`): the classic
+    baseline sees the variants of each source plate/channel as one group, clean and spoilt
+    together. Returns ``{name: score_head(...) dict, plus "held_out" (bool) and "fields" (n)}``,
+    or ``{name: {"error": why}}`` for a head that cannot read this model's embeddings (or None).
     When every field was learnt from, the heads are judged on those with new artefact draws
     (``held_out`` False).
     """
@@ -316,6 +358,7 @@ def compare_heads_on_plate(
     reference = np.array([v.kind == "none" for v in variants])
     variant_groups = [groups[v.source] for v in variants]
     out: dict[str, dict[str, Any]] = {}
+    tables: dict[int, pd.DataFrame] = {}  # per spatial scale: QC_ metrics + plate/channel
     cache: dict[FeatureSpec, np.ndarray] = {}
     for name, head in heads.items():
         if head is None:
@@ -324,11 +367,24 @@ def compare_heads_on_plate(
         if not head.matches(model):
             out[name] = {"error": "trained on another encoder than this model"}
             continue
+        scale = head.spec.scale
+        if scale not in tables:
+            yield Progress(0, None, f"measuring {len(variants)} artefact images")
+            table = metric_table([v.image for v in variants], scale)
+            # one plate/channel group per source group, as a QC run groups the plate's images
+            table["Metadata_Plate"] = [str(g[0]) for g in variant_groups]
+            table["Metadata_Channel"] = [g[1] for g in variant_groups]
+            tables[scale] = table
         if head.spec not in cache:
-            yield Progress(0, None, f"measuring {len(variants)} artefact images for {name}")
-            x = absolute_features([v.image for v in variants], head.spec, model, batch_size)
+            if head.spec.uses_encoder:
+                yield Progress(0, None, f"embedding {len(variants)} artefact images for {name}")
+            x = absolute_features(
+                [v.image for v in variants], head.spec, model, batch_size, tables[scale]
+            )
             cache[head.spec] = with_relative(x, head.spec, variant_groups, reference)
-        score = score_head(head, cache[head.spec], labels, threshold)
+        score = score_head(
+            head, cache[head.spec], labels, threshold, tables[scale], evidence=evidence
+        )
         out[name] = {**score, "held_out": held_out, "fields": len(sampled)}
     return out
 
@@ -346,8 +402,8 @@ def better_head(report: dict[str, dict[str, Any]]) -> str:
 
 
 def describe_comparison(report: dict[str, dict[str, Any]]) -> str:
-    """The comparison in words: per head, held-out balanced accuracy, artefacts detected and
-    clean images flagged."""
+    """The comparison in words: per head, held-out balanced accuracy (as QC runs judge, unless
+    the report was made with ``evidence=False``), artefacts detected and clean images flagged."""
     parts = []
     for name, r in report.items():
         if "error" in r:
@@ -361,7 +417,8 @@ def describe_comparison(report: dict[str, dict[str, Any]]) -> str:
     where = f"{some.get('n_images')} synthetic artefact images of {some.get('fields')} fields " + (
         "it did not learn from" if some.get("held_out") else "(no other field: the same ones)"
     )
-    return f"held-out accuracy on {where}: " + "; ".join(parts)
+    how = ", as QC runs judge" if some.get("evidence", False) else " (bare heads)"
+    return f"held-out accuracy on {where}{how}: " + "; ".join(parts)
 
 
 def read_labels(labels: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:

@@ -233,8 +233,9 @@ def estimate_photon_level(image: Any) -> PhotonLevel:
       leak structure into the residual, and the variance is a trimmed mean of r² (above 9 × the
       median-based variance dropped, corrected for the trimming);
     - a bin where more than a fifth of the pixels touch a clipped pixel (0 or the ceiling) is
-      measured instead from its raw values' quantiles above the clipping (median and 84th
-      percentile); a bin clipped at its median is dropped;
+      measured instead from its raw values as a Gaussian censored at 0 (the clipped fraction and
+      the truncated normal's mean and variance give the latent mean and variance); a bin clipped
+      at its median or 84th percentile is dropped;
     - a line is fitted with weights n / var² (each bin's inverse variance) and refitted twice
       without bins more than 3 standard errors off.
 
@@ -266,8 +267,9 @@ def _photon_level(x: np.ndarray, dn: float) -> PhotonLevel:
         offset = min(max(dark, 0.0), bright)
         gain = HIGH_PHOTON_LEVEL_E / max(bright - offset, dn or 1e-6)
         return PhotonLevel(gain, offset, READ_NOISE_E, HIGH_PHOTON_LEVEL_E, False)
-    slope, intercept = fit
+    slope, intercept, lowest = fit
     gain = 1.0 / slope
+    dark = min(dark, lowest)  # a clipped background reads too bright; its latent mean does not
     # the offset where the line leaves READ_NOISE_E of read noise, at most the dark level
     offset = min(max((READ_NOISE_E**2 / gain**2 - intercept) / slope, 0.0), max(dark, 0.0))
     read = float(np.sqrt(max(intercept + slope * offset, 0.0))) * gain
@@ -282,19 +284,28 @@ def _bin_variance(
     local: np.ndarray, raw: np.ndarray, r2: np.ndarray, near_clip: np.ndarray, quant: float
 ) -> tuple[float, float, int] | None:
     """(mean, noise variance, pixels) of one intensity bin, from its Immerkær residuals ``r2``,
-    or, where a fifth of the bin touches a clipped pixel, from the quantiles of its ``raw``
-    values above the clipping (median and 84th percentile: one σ of the latent Gaussian)."""
+    or, where a fifth of the bin touches a clipped pixel, from its ``raw`` values as a Gaussian
+    censored at 0 (its latent mean and variance)."""
     if near_clip.mean() <= 0.2:
         sq = r2[~near_clip]
         cut = 9.0 * max(float(np.median(sq)) / 0.4549, quant, 1e-30)  # 0.4549: median of χ²₁
         kept = sq[sq <= cut]
         # 0.9733: E[z²; |z| ≤ 3]; placed at the independent local mean
         return float(local.mean()), float(kept.mean()) / 0.9733 - quant, kept.size
-    q16, q50, q84 = np.percentile(raw, [15.87, 50, 84.13])
+    from scipy.special import ndtri
+
+    q50, q84 = np.percentile(raw, [50, 84.13])
     if q50 <= 0 or q84 >= 1:  # half the bin clipped: nothing left to measure
         return None
-    sigma = q84 - q50 if q16 <= 0 else (q84 - q16) / 2
-    return float(q50), float(sigma**2) - quant, raw.size
+    # a Gaussian censored at 0, from the clipped fraction c and the moments of the rest (the
+    # truncated normal's: mean μ + σλ, variance σ²(1 + αλ − λ²), α = Φ⁻¹(c), λ = φ(α)/(1 − c))
+    shown = raw[(raw > 0) & (raw < 1)]
+    c = float(np.mean(raw <= 0))
+    alpha = float(ndtri(c)) if c > 0 else -np.inf
+    lam = float(np.exp(-0.5 * alpha * alpha) / np.sqrt(2 * np.pi) / (1 - c)) if c > 0 else 0.0
+    shrink = 1 + (alpha * lam if c > 0 else 0.0) - lam * lam
+    sigma = float(np.sqrt(shown.var() / shrink))
+    return float(shown.mean() - sigma * lam), sigma * sigma - quant, raw.size
 
 
 def _ring_mean(x: np.ndarray, parity: int, sigma: float = 2.0) -> np.ndarray:
@@ -324,9 +335,9 @@ def _level(select: np.ndarray, mean: np.ndarray, q: float) -> float:
 
 def _photon_transfer(
     x: np.ndarray, even: np.ndarray, odd: np.ndarray, quant: float, bins: int = 40
-) -> tuple[float, float] | None:
-    """(slope, intercept) of the noise variance (less quantisation) against the local mean, or
-    None where there is no positive slope to fit."""
+) -> tuple[float, float, float] | None:
+    """(slope, intercept) of the noise variance (less quantisation) against the local mean, and
+    the darkest bin's mean; None where there is no positive slope to fit."""
     inner = (slice(1, -1), slice(1, -1))
     resid = ndi.convolve(x, _IMMERKAER, mode="reflect")[inner]
     clipped = (x <= 0) | (x >= 1)
@@ -371,7 +382,7 @@ def _photon_transfer(
         keep &= ~off
     if not np.isfinite(slope) or slope <= 0:
         return None
-    return float(slope), float(intercept)
+    return float(slope), float(intercept), float(m_.min())
 
 
 def noise_target(electrons: float, source: PhotonLevel) -> float:

@@ -15,6 +15,7 @@ from napari_cellmae.qc.artefacts import (
     estimate_photon_level,
     exposure,
     kinds_for_class,
+    noise_target,
     sparse_field,
 )
 from napari_cellmae.synthetic import make_field
@@ -220,6 +221,14 @@ def test_noise_on_a_source_already_that_noisy_still_adds_noise_in_order():
     stds = [_residual_std(image, apply_artefact(image, "noise", s, seed=0)) for s in SEVERITIES]
     assert stds[0] > 0.5 * own  # severity 1 keeps at most half of the source's photons
     assert stds == sorted(stds)
+    # the levels are relative to the source's own photons: N · N0 / 240 e⁻ (≈ 30 and 12 here,
+    # where re-drawing 120 and 50 e⁻ over the image's noise gave ≈ 35 and 22)
+    source = estimate_photon_level(image)
+    for severity in (1, 2):
+        out = apply_artefact(image, "noise", severity, seed=0)
+        target = noise_target(ARTEFACTS["noise"].levels[severity - 1], source)
+        assert target == pytest.approx(source.electrons_at_bright * (120, 50)[severity - 1] / 240)
+        assert estimate_photon_level(out).electrons_at_bright == pytest.approx(target, rel=0.3)
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,14 @@ import pytest
 from napari_cellmae.qc import metrics
 from napari_cellmae.qc.artefacts import (
     ARTEFACTS,
+    HIGH_PHOTON_LEVEL_E,
     SEVERITIES,
     apply_artefact,
     defocus_psf,
+    estimate_photon_level,
     exposure,
     kinds_for_class,
+    noise_target,
     sparse_field,
 )
 from napari_cellmae.synthetic import make_field
@@ -147,3 +150,96 @@ def test_defocus_follows_the_pixel_size(field):
     assert _metric(fine, "PowerLogLogSlope") < _metric(coarse, "PowerLogLogSlope")
     with pytest.raises(ValueError, match="pixel_um"):
         apply_artefact(image, "defocus", 3, pixel_um=0)
+
+
+def _photon_field(n0: float, bits: int = 16, seed: int = 0) -> np.ndarray:
+    """A smooth cell-like field (256², 45 cells on a background at 3% of their brightness)
+    imaged with n0 e⁻ (Poisson) at its bright level (99.9th percentile) and 2 e⁻ read noise,
+    written as integers: offset 100 DN, bright level at 4000 DN (16-bit) or 10 and 200 DN."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:256, :256]
+    f = np.zeros((256, 256))
+    for _ in range(45):
+        cy, cx = rng.uniform(0, 256, 2)
+        f += rng.uniform(0.4, 1.0) * (np.hypot(yy - cy, xx - cx) < rng.uniform(8, 18))
+    f = ndi.gaussian_filter(f, 2.0) + 0.03
+    electrons = n0 * f / np.percentile(f, 99.9)
+    counts = rng.poisson(electrons) + rng.normal(0, 2.0, f.shape)
+    offset, bright, dtype = (100, 4000, np.uint16) if bits == 16 else (10, 200, np.uint8)
+    image = np.round(offset + counts * (bright - offset) / n0)
+    return np.clip(image, 0, np.iinfo(dtype).max).astype(dtype)
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+@pytest.mark.parametrize("n0", [2000, 60])
+def test_photon_level_is_recovered_from_the_image_alone(n0, bits):
+    image = _photon_field(n0, bits)
+    level = estimate_photon_level(image)
+    top = float(np.iinfo(image.dtype).max)
+    offset, bright = (100, 4000) if bits == 16 else (10, 200)
+    assert level.fitted
+    assert level.electrons_at_bright == pytest.approx(n0, rel=0.3)
+    # e⁻ per unit of the image scaled to [0, 1], as apply_artefact scales it
+    assert level.gain == pytest.approx(n0 / (bright - offset) * top, rel=0.3)
+    assert level.offset * top == pytest.approx(offset, abs=0.05 * bright)
+    assert 0 <= level.read_noise <= 2.0 + 1e-9  # one image cannot tell more (docstring)
+
+
+def test_photon_level_of_flat_and_noiseless_images_is_the_high_fallback():
+    flat = estimate_photon_level(np.full((64, 64), 1000, np.uint16))
+    ramp = estimate_photon_level(np.tile(np.arange(0, 64000, 500, dtype=np.uint16), (128, 1)))
+    for level in (flat, ramp):  # no shot noise to measure: a very bright source
+        assert not level.fitted
+        assert level.electrons_at_bright == HIGH_PHOTON_LEVEL_E
+        assert np.isfinite([level.gain, level.offset, level.read_noise]).all()
+    with pytest.raises(ValueError, match="one numeric image"):
+        estimate_photon_level(np.zeros((2, 8, 8)))
+
+
+def test_noise_is_the_lower_light_capture_of_a_bright_source():
+    image = _photon_field(2000)
+    levels = ARTEFACTS["noise"].levels
+    for severity, electrons in zip(SEVERITIES, levels, strict=True):
+        out = apply_artefact(image, "noise", severity, seed=0)
+        assert estimate_photon_level(out).electrons_at_bright == pytest.approx(electrons, rel=0.3)
+        # rescaled, not dimmed: the cells' level stays where it was (median: 0 clips the mean)
+        cells = image > np.percentile(image, 80)
+        assert np.median(out[cells]) == pytest.approx(np.median(image[cells]), rel=0.1)
+
+
+def _residual_std(image: np.ndarray, out: np.ndarray) -> float:
+    return float(np.std(out.astype(np.float64) - image))
+
+
+def test_noise_on_a_source_already_that_noisy_still_adds_noise_in_order():
+    from scipy import ndimage as ndi
+
+    image = _photon_field(60)  # noisier than severity 1 (120 e⁻ at the bright level) already
+    own = _residual_std(image, ndi.gaussian_filter(image.astype(np.float64), 2))
+    stds = [_residual_std(image, apply_artefact(image, "noise", s, seed=0)) for s in SEVERITIES]
+    assert stds[0] > 0.5 * own  # severity 1 keeps at most half of the source's photons
+    assert stds == sorted(stds)
+    # the levels are relative to the source's own photons: N · N0 / 240 e⁻ (≈ 30 and 12 here,
+    # where re-drawing 120 and 50 e⁻ over the image's noise gave ≈ 35 and 22)
+    source = estimate_photon_level(image)
+    for severity in (1, 2):
+        out = apply_artefact(image, "noise", severity, seed=0)
+        target = noise_target(ARTEFACTS["noise"].levels[severity - 1], source)
+        assert target == pytest.approx(source.electrons_at_bright * (120, 50)[severity - 1] / 240)
+        assert estimate_photon_level(out).electrons_at_bright == pytest.approx(target, rel=0.3)
+
+
+@pytest.mark.parametrize(
+    "source, pattern",
+    [("transfluor-plate", "*O01f00d2.TIF"), ("bbbc022-raw-imagexpress", "*_A01_s1_*")],
+)
+def test_noise_on_real_images_follows_their_photon_level(real_data, source, pattern):
+    from napari_cellmae.plates import read_image
+
+    image = read_image(next((real_data / source).glob(pattern)))[0][:256, :256]
+    level = estimate_photon_level(image)
+    assert level.fitted and 0 < level.electrons_at_bright < HIGH_PHOTON_LEVEL_E
+    stds = [_residual_std(image, apply_artefact(image, "noise", s, seed=0)) for s in SEVERITIES]
+    assert stds[0] > 0 and stds == sorted(stds)

@@ -10,20 +10,27 @@ plate-relative features of a head that uses them, are taken within it):
    cells: ``sparse``, which is also ok). Reported: share flagged at the default threshold.
 2. **synthetic artefacts**: ``--replicates`` plates per group (more for small sources: at least
    200 images per source); in each, every image stays as it is with probability 0.6, else is
-   replaced by one of its artefact variants (severity 2–5) drawn at random. Reported: one-vs-rest
-   ROC-AUC per class, head and baseline.
+   replaced by one of its artefact variants drawn at random: the training draw of each recipe
+   and ``EVAL_DRAWS`` (2) more per recipe, severity 2–5 (the held-out source's variants were
+   never trained on either way). Reported: one-vs-rest ROC-AUC per class, head and baseline.
 3. **majority defocus** (a failed autofocus): in each group, ``--defocused`` (default 75%) of the
    images defocused through the PSF at the source's pixel size, z = 7–20 µm; the rest sharp.
    Reported: share of the defocused flagged, sharp images flagged, ROC-AUC of ``QC_Score``
    (defocused vs sharp).
+
+Then the default threshold calibrated leave-one-source-out (:func:`threshold_table`: clean,
+sparse, synthetic and majority-defocus images flagged at each candidate threshold).
+``--without-cues`` refits the leave-one-source-out heads without the physical cues of
+:mod:`napari_cellmae.qc.cues` (ablation).
 
 The baseline is :func:`napari_cellmae.qc.baseline.baseline_flags` at its default z threshold
 (score: the largest rule z). The head is judged as ``cellmae qc`` judges with it: each artefact
 class weighed by the classic evidence of its plate
 (:func:`napari_cellmae.qc.baseline.with_classic_evidence`); ``--head-alone`` judges the bare
 head. Features are measured and embedded once per image and cached by the
-training script (``$CELLMAE_QC_CACHE``, default ``/tmp/cellmae-qc-cache``); a first run takes
-about 15 min on one CPU core, a cached one about a minute. ``--head`` also judges every source
+training script (``$CELLMAE_QC_CACHE``, default ``/tmp/cellmae-qc-cache``; build it with two
+``scripts/train_qc_head.py --cache-only --sources …`` processes: about 8 min on two cores), a
+cached run takes about a minute. ``--head`` also judges every source
 with a given head file (default: the shipped head, which has seen every source).
 
     python benchmarks/eval_qc.py --model cellmae-tiny --threads 1
@@ -316,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ok-prior", type=float, default=OK_PRIOR, help="of the LOSO heads")
     parser.add_argument("--label-curve", action="store_true", help="also the label curve")
     parser.add_argument(
+        "--without-cues",
+        action="store_true",
+        help="ablation: leave-one-source-out heads without the physical cues (qc/cues.py)",
+    )
+    parser.add_argument(
         "--head-alone",
         action="store_true",
         help="judge the bare head, without the classic evidence that QC runs weigh it with",
@@ -330,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device=args.device, encoder_only=True)
     table, emb = feature_table(model, args.block, real_sources())
     spec = head_spec(model, args.block)
+    if args.without_cues:
+        from dataclasses import replace
+
+        from napari_cellmae.qc.head import CUE_FEATURES
+
+        kept = tuple(m for m in spec.metric_features if m not in CUE_FEATURES)
+        spec = replace(spec, metric_features=kept)
     print(
         f"encoder {model.name} ({model.checksum[:12]}), block {spec.block}; {len(table)} variants"
     )

@@ -181,7 +181,10 @@ def train_from_plate(model, head, n_fields: int) -> None:
     t0 = time.perf_counter()
     new = run(train_head_from_plate(str(REAL), model, n_fields=n_fields))
     heads = {"current": head, "new": new}
-    report = run(compare_heads_on_plate(str(REAL), model, heads, exclude=new.training["fields"]))
+    exclude = new.training["fields"]  # compared at the threshold in use, as the QC tab does
+    report = run(
+        compare_heads_on_plate(str(REAL), model, heads, exclude=exclude, threshold=THRESHOLD)
+    )
     seconds = time.perf_counter() - t0
     for name, r in report.items():
         print(

@@ -79,9 +79,16 @@ def _measure_task(panel: MainPanel, plate: Any, head: QCHead | None, use_model: 
     return (yield from measure_plate(plate, model, head, layout=layout))
 
 
-def _train_task(panel: MainPanel, plate: Any, n_fields: int, layout: str, current: QCHead | None):
-    """Train a head on the plate, then judge it and ``current`` on other fields of the plate:
-    returns (new head, {"current": scores, "new": scores})."""
+def _train_task(
+    panel: MainPanel,
+    plate: Any,
+    n_fields: int,
+    layout: str,
+    current: QCHead | None,
+    threshold: float = 0.5,
+):
+    """Train a head on the plate, then judge it and ``current`` on other fields of the plate at
+    the ``threshold`` in use: returns (new head, {"current": scores, "new": scores})."""
     from ..qc.training import compare_heads_on_plate, train_head_from_plate
 
     yield Progress(0, None, "loading the model")
@@ -89,7 +96,12 @@ def _train_task(panel: MainPanel, plate: Any, n_fields: int, layout: str, curren
     new = yield from train_head_from_plate(plate, model, n_fields=n_fields, layout=layout)
     heads = {"current": current, "new": new}
     report = yield from compare_heads_on_plate(
-        plate, model, heads, exclude=new.training.get("fields", ()), layout=layout
+        plate,
+        model,
+        heads,
+        exclude=new.training.get("fields", ()),
+        layout=layout,
+        threshold=threshold,
     )
     return new, report
 
@@ -432,6 +444,8 @@ class QCTab(QWidget):
             self.n_fields.value(),
             self._layout(),
             self.head,
+            # the heads are compared at the head threshold in use (a classic run's slider is z)
+            self.threshold() if self.result is None or self.result.method == "head" else 0.5,
             description="train QC head",
             on_result=trained,
             on_finished=finished,

@@ -273,6 +273,7 @@ def _keep_better_head(args: argparse.Namespace, model: Any, new: Any) -> Any:
             {"current": current, "new": new},
             exclude=new.training.get("fields", ()),
             layout=args.layout,
+            threshold=args.threshold,
             batch_size=args.batch_size,
         )
     )

@@ -385,7 +385,12 @@ def compare_heads_on_plate(
         score = score_head(
             head, cache[head.spec], labels, threshold, tables[scale], evidence=evidence
         )
-        out[name] = {**score, "held_out": held_out, "fields": len(sampled)}
+        out[name] = {
+            **score,
+            "held_out": held_out,
+            "fields": len(sampled),
+            "threshold": float(threshold),
+        }
     return out
 
 
@@ -418,6 +423,8 @@ def describe_comparison(report: dict[str, dict[str, Any]]) -> str:
         "it did not learn from" if some.get("held_out") else "(no other field: the same ones)"
     )
     how = ", as QC runs judge" if some.get("evidence", False) else " (bare heads)"
+    if "threshold" in some:
+        how += f" at threshold {some['threshold']:.2f}"
     return f"held-out accuracy on {where}{how}: " + "; ".join(parts)
 
 

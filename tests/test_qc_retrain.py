@@ -247,7 +247,8 @@ def test_heads_are_compared_as_qc_runs_judge_them(real_data):
     assert judged["balanced_accuracy"] > bare["balanced_accuracy"] == 0.5
     assert "as QC runs judge" in describe_comparison({"current": judged})
     assert "as QC runs judge" not in describe_comparison({"current": bare})
-    assert judged["threshold"] == 0.5 and "at threshold 0.50" in describe_comparison({"current": judged})
+    assert judged["threshold"] == 0.5
+    assert "at threshold 0.50" in describe_comparison({"current": judged})
     # the threshold in use (the QC tab's slider, --threshold) is the one the heads are judged at
     strict = run(compare_heads_on_plate(index, None, heads, n_fields=4, threshold=0.999))
     assert strict["current"]["threshold"] == 0.999

@@ -21,7 +21,8 @@ plate-relative features of a head that uses them, are taken within it):
 Then the default threshold calibrated leave-one-source-out (:func:`threshold_table`: clean,
 sparse, synthetic and majority-defocus images flagged at each candidate threshold).
 ``--without-cues`` refits the leave-one-source-out heads without the physical cues of
-:mod:`napari_cellmae.qc.cues` (ablation).
+:mod:`napari_cellmae.qc.cues`, ``--without-8bit-copies`` without the 8-bit copies of the deeper
+images (ablations).
 
 The baseline is :func:`napari_cellmae.qc.baseline.baseline_flags` at its default z threshold
 (score: the largest rule z). The head is judged as ``cellmae qc`` judges with it: each artefact
@@ -118,7 +119,7 @@ def _auc(pos, score) -> float:
 def scenarios(table, emb, source: str, replicates: int, defocused: float, seed: int):
     """(name -> (table, emb)) of the three scenarios for one source; ``plate`` column added."""
     rng = np.random.default_rng(seed)
-    src = table["source"] == source
+    src = (table["source"] == source) & ~table["derived"].astype(bool)  # 8-bit copies: not judged
     out = {}
     for kind in ("ok", "sparse"):
         rows = np.flatnonzero(src & (table["kind"] == kind))
@@ -328,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         help="ablation: leave-one-source-out heads without the physical cues (qc/cues.py)",
     )
     parser.add_argument(
+        "--without-8bit-copies",
+        action="store_true",
+        help="ablation: leave-one-source-out heads without the 8-bit copies of deeper images",
+    )
+    parser.add_argument(
         "--head-alone",
         action="store_true",
         help="judge the bare head, without the classic evidence that QC runs weigh it with",
@@ -341,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device, encoder_only=True)
     table, emb = feature_table(model, args.block, real_sources())
+    if args.without_8bit_copies:
+        keep = ~table["derived"].to_numpy(bool)
+        table, emb = table[keep].reset_index(drop=True), emb[keep]
     spec = head_spec(model, args.block)
     if args.without_cues:
         from dataclasses import replace

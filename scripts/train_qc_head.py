@@ -18,6 +18,10 @@ speckles                  2 stains × four 500×600 tiles                12/16  
 value for JUMP. Sparse (ExampleHuman, speckles, raw BBBC022 corners) and dense (transfluor,
 JUMP) fields, 8-, 12- and 16-bit, three instruments.
 
+Each deeper image also gets an 8-bit copy (:func:`eight_bit`, ``derived``): two sources are
+8-bit, and a head that has not seen one of them would learn 8-bit data from the other alone. A
+copy belongs to its image's source (held out with it) and is trained on, never judged.
+
 Every image is used (:func:`variants_of`, seeded by its name) as it is (``ok``), thinned to a
 handful of its cells (``ok``: a sparse field is not empty), and once per artefact recipe of
 :mod:`napari_cellmae.qc.artefacts` at a random severity 2–5, defocus through the PSF at the

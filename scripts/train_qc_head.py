@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_cellmae.qc.head import CUE_FEATURES  # numpy only: no torch at import
+
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
 DEFAULT_OUT = ROOT / "src" / "napari_cellmae" / "qc" / "heads" / "default.npz"
@@ -79,20 +81,8 @@ HEAD_METRICS = (
     "log_iqr_over_median",
     "log_mad_over_median",
     "log_min_over_median",
-    # plate-independent physical cues (qc/cues.py): illumination, bright objects, clipping
-    "bg_range",
-    "bg_smooth_amp",
-    "bg_smooth_frac",
-    "bg_ratio",
-    "fg_smooth_amp",
-    "fg_smooth_frac",
-    "bright_frac_3",
-    "bright_frac_6",
-    "fg_frac",
-    "range_over_fg",
-    "pct_ceiling",
-    "max_plateau",
-    "max_in_plateaus",
+    # and the plate-independent physical cues (qc/cues.py): illumination, bright objects, clipping
+    *CUE_FEATURES,
 )
 # variant kinds: "ok", "sparse" (ok), every artefact recipe, and "autofocus" (defocus z 7–20 µm,
 # the majority-defocus scenario of eval_qc; not used for training)

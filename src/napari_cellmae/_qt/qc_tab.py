@@ -85,10 +85,12 @@ def _train_task(
     n_fields: int,
     layout: str,
     current: QCHead | None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
 ):
     """Train a head on the plate, then judge it and ``current`` on other fields of the plate at
-    the ``threshold`` in use: returns (new head, {"current": scores, "new": scores})."""
+    the head ``threshold`` in use (None: the default): returns (new head, {"current": scores,
+    "new": scores})."""
+    from ..qc.run import DEFAULT_THRESHOLD
     from ..qc.training import compare_heads_on_plate, train_head_from_plate
 
     yield Progress(0, None, "loading the model")
@@ -101,7 +103,7 @@ def _train_task(
         heads,
         exclude=new.training.get("fields", ()),
         layout=layout,
-        threshold=threshold,
+        threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
     )
     return new, report
 
@@ -445,7 +447,7 @@ class QCTab(QWidget):
             self._layout(),
             self.head,
             # the heads are compared at the head threshold in use (a classic run's slider is z)
-            self.threshold() if self.result is None or self.result.method == "head" else 0.5,
+            self.threshold() if self.result is None or self.result.method == "head" else None,
             description="train QC head",
             on_result=trained,
             on_finished=finished,

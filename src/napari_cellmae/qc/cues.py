@@ -70,8 +70,10 @@ FEW_PIXELS = 1 << 18  # the black level, the dynamic range and B are taken on at
 _TINY = 1e-12
 
 
-def _sample(x: np.ndarray) -> np.ndarray:
-    step = int(np.ceil(np.sqrt(x.size / SAMPLE_PIXELS))) if x.size > SAMPLE_PIXELS else 1
+def _sample(x: np.ndarray, budget: int = SAMPLE_PIXELS) -> np.ndarray:
+    """``x`` through the smallest regular stride (every k-th row and column) that leaves at
+    most ``budget`` pixels (a view, no copy)."""
+    step = int(np.ceil(np.sqrt(x.size / budget))) if x.size > budget else 1
     return x[::step, ::step] if step > 1 else x
 
 
@@ -125,8 +127,7 @@ def image_cues(image: np.ndarray, threshold: float | None = None) -> dict[str, f
     """Every cue of :data:`CUE_NAMES` of one (H, W) image already in [0, 1] scaling (see the
     module docstring); ``threshold``: its ``ThresholdOtsu`` when already measured."""
     x = _sample(np.asarray(image, np.float64))
-    k = int(np.ceil(np.sqrt(x.size / FEW_PIXELS)))
-    few = x[::k, ::k]  # <= FEW_PIXELS values: the percentiles and median copy what they read
+    few = _sample(x, FEW_PIXELS)  # the percentiles and the median copy what they read
     black, bright = np.percentile(few, [0.1, 99.9])
     span = max(float(bright - black), _TINY)
     background, top = _block_percentiles(x, (10.0, 95.0))

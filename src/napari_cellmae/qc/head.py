@@ -102,7 +102,9 @@ METRIC_FEATURES: dict[str, tuple[str, Callable[[dict, int], np.ndarray]]] = {
         "log10(MinIntensity / MedianIntensity)",
         lambda q, n: _log(q["MinIntensity"] / np.maximum(q["MedianIntensity"], 1e-9)),
     ),
-    # plate-independent physical cues (qc/cues.py): illumination, bright objects, clipping
+}
+# the plate-independent physical cues (qc/cues.py): illumination, bright objects, clipping
+_CUE_TRANSFORMS: dict[str, tuple[str, Callable[[dict, int], np.ndarray]]] = {
     "bg_range": ("log10(BackgroundRange + 1e-4)", lambda q, n: _log10p(q["BackgroundRange"], 1e-4)),
     "bg_smooth_amp": (
         "log10(BackgroundSmoothAmplitude + 1e-4)",
@@ -141,7 +143,8 @@ METRIC_FEATURES: dict[str, tuple[str, Callable[[dict, int], np.ndarray]]] = {
     ),
     "max_in_plateaus": ("MaxInPlateaus", lambda q, n: q["MaxInPlateaus"]),
 }
-CUE_FEATURES = tuple(list(METRIC_FEATURES)[-13:])  # the cues' transforms, in qc/cues.py order
+METRIC_FEATURES.update(_CUE_TRANSFORMS)
+CUE_FEATURES = tuple(_CUE_TRANSFORMS)  # the cues' transforms, in qc/cues.py order
 
 
 @dataclass(frozen=True)
